@@ -1,0 +1,1 @@
+"""The `aetheris` command line: train, generate, serve, analyze-router."""

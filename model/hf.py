@@ -1,0 +1,169 @@
+"""Hugging Face Mamba / Jamba checkpoints -> our config and parameter names.
+
+Glossary: E experts, F expert hidden size, D d_model.
+
+Supported: `MambaForCausalLM` (HF names), the original state-spaces `MambaLMHeadModel` configs, and
+`JambaForCausalLM` whose layers are all Mamba (each with a dense or MoE feed-forward). Layouts and names
+are documented in shared/reference/model.md §1.2, §2.6, §6. Jamba layers with attention are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor
+
+from .config import LayerSpec, ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file, key or tensor at fault."""
+
+
+def _get(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def mamba_config(hf: dict, vocab_size: int | None) -> ModelConfig:
+    """HF MambaConfig (or the original state-spaces config.json) -> ModelConfig."""
+    ssm = hf.get("ssm_cfg") or {}
+    if ssm.get("layer", "Mamba1") != "Mamba1":
+        raise CheckpointError(f"config.json: ssm_cfg.layer={ssm['layer']!r} is not supported (Mamba-1 only)")
+    d_model = _get(hf, "hidden_size", "d_model")
+    n_layers = _get(hf, "num_hidden_layers", "n_layer")
+    if d_model is None or n_layers is None:
+        raise CheckpointError("config.json: a Mamba config needs hidden_size/d_model and num_hidden_layers/n_layer")
+    dt_rank = _get(hf, "time_step_rank", default=ssm.get("dt_rank", "auto"))
+    return ModelConfig(
+        vocab_size=vocab_size or hf["vocab_size"],
+        d_model=d_model,
+        layers=[LayerSpec("mamba", None)] * n_layers,
+        d_state=_get(hf, "state_size", default=ssm.get("d_state", 16)),
+        d_conv=_get(hf, "conv_kernel", default=ssm.get("d_conv", 4)),
+        expand=_get(hf, "expand", default=ssm.get("expand", 2)),
+        dt_rank=math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank,
+        conv_bias=_get(hf, "use_conv_bias", default=ssm.get("conv_bias", True)),
+        proj_bias=_get(hf, "use_bias", default=ssm.get("bias", False)),
+        norm_eps=_get(hf, "layer_norm_epsilon", "norm_epsilon", default=1e-5),
+        residual_in_fp32=hf.get("residual_in_fp32", True),
+        tie_embeddings=hf.get("tie_word_embeddings", hf.get("tie_embeddings", True)),
+        pad_token_id=_get(hf, "pad_token_id", default=0),
+        bos_token_id=_get(hf, "bos_token_id", default=0),
+        eos_token_id=_get(hf, "eos_token_id", default=0),
+    )
+
+
+def jamba_config(hf: dict, vocab_size: int | None) -> ModelConfig:
+    """HF JambaConfig -> ModelConfig; the layer pattern uses `i % period == offset` (pitfall 13)."""
+    n = hf.get("num_hidden_layers", 32)
+    attn_period, attn_offset = hf.get("attn_layer_period", 8), hf.get("attn_layer_offset", 4)
+    exp_period, exp_offset = hf.get("expert_layer_period", 2), hf.get("expert_layer_offset", 1)
+    n_experts = hf.get("num_experts", 16)
+    attention = [i for i in range(n) if i % attn_period == attn_offset]
+    if attention:
+        raise CheckpointError(
+            f"config.json: this Jamba checkpoint has attention layers {attention}; attention layers are not "
+            "supported yet (only attention-free Jamba: attn_layer_offset >= num_hidden_layers)"
+        )
+    is_moe = [n_experts > 1 and i % exp_period == exp_offset for i in range(n)]
+    d_model = hf.get("hidden_size", 4096)
+    dt_rank = hf.get("mamba_dt_rank", "auto")
+    eos = hf.get("eos_token_id", 2)
+    return ModelConfig(
+        vocab_size=vocab_size or hf.get("vocab_size", 65536),
+        d_model=d_model,
+        layers=[LayerSpec("mamba", "moe" if m else "mlp") for m in is_moe],
+        d_state=hf.get("mamba_d_state", 16),
+        d_conv=hf.get("mamba_d_conv", 4),
+        expand=hf.get("mamba_expand", 2),
+        dt_rank=math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank,
+        conv_bias=hf.get("mamba_conv_bias", True),
+        proj_bias=hf.get("mamba_proj_bias", False),
+        mixer_norms=True,
+        d_ff=hf.get("intermediate_size", 14336),
+        n_experts=n_experts if any(is_moe) else 0,
+        top_k=hf.get("num_experts_per_tok", 2) if any(is_moe) else 1,
+        renormalize=False,  # Jamba does not renormalise the top-k weights (pitfall 11)
+        aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        residual_in_fp32=False,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        pad_token_id=hf.get("pad_token_id", 0),
+        bos_token_id=hf.get("bos_token_id", 1),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+    )
+
+
+_MAMBA_RENAMES = [
+    (r"^backbone\.embeddings?\.weight$", "embeddings.weight"),  # mamba_ssm says `embedding`
+    (r"^backbone\.layers\.(\d+)\.norm\.weight$", r"layers.\1.norm.weight"),
+    (r"^backbone\.layers\.(\d+)\.mixer\.(.+)$", r"layers.\1.mixer.\2"),
+    (r"^backbone\.norm_f\.weight$", "norm_f.weight"),
+    (r"^lm_head\.weight$", "lm_head.weight"),
+]
+_JAMBA_RENAMES = [
+    (r"^model\.embed_tokens\.weight$", "embeddings.weight"),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.weight$", r"layers.\1.norm.weight"),
+    (r"^model\.layers\.(\d+)\.mamba\.(.+)$", r"layers.\1.mixer.\2"),
+    (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.weight$", r"layers.\1.ffn_norm.weight"),
+    (r"^model\.layers\.(\d+)\.feed_forward\.router\.weight$", r"layers.\1.ffn.router.weight"),
+    (r"^model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight$", r"layers.\1.ffn.\2_proj.weight"),
+    (r"^model\.final_layernorm\.weight$", "norm_f.weight"),
+    (r"^lm_head\.weight$", "lm_head.weight"),
+]
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _rename(name: str, rules) -> str:
+    for pattern, repl in rules:
+        new, hits = re.subn(pattern, repl, name)
+        if hits:
+            return new
+    raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint")
+
+
+def convert_mamba_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {_rename(k, _MAMBA_RENAMES): v for k, v in sd.items()}
+
+
+def convert_jamba_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename, and stack per-expert weights (E, F, D) / (E, D, F); accepts transformers 5.x fused experts."""
+    out: dict[str, Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, Tensor]] = {}
+    for k, v in sd.items():
+        if m := _EXPERT.match(k):
+            experts.setdefault((m[1], m[3]), {})[int(m[2])] = v
+        elif m := _FUSED.match(k):
+            if m[2] == "down_proj":
+                out[f"layers.{m[1]}.ffn.down_proj"] = v  # (E, D, F)
+            else:  # (E, 2F, D): gate rows first, then up
+                out[f"layers.{m[1]}.ffn.gate_proj"], out[f"layers.{m[1]}.ffn.up_proj"] = v.chunk(2, dim=1)
+        else:
+            out[_rename(k, _JAMBA_RENAMES)] = v
+    for (layer, proj), per_expert in experts.items():
+        ids = sorted(per_expert)
+        if ids != list(range(len(ids))):
+            raise CheckpointError(f"layer {layer}: experts {ids} are not numbered 0..{len(ids) - 1}")
+        out[f"layers.{layer}.ffn.{proj}_proj"] = torch.stack([per_expert[e] for e in ids])
+    return out
+
+
+def detect_format(cfg: dict) -> str:
+    """'aetheris', 'mamba' or 'jamba' from a config.json dict."""
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if model_type == "aetheris":
+        return "aetheris"
+    if model_type == "jamba" or "JambaForCausalLM" in archs:
+        return "jamba"
+    if model_type in ("mamba", "falcon_mamba") or "MambaForCausalLM" in archs or "d_model" in cfg:
+        if model_type == "falcon_mamba":
+            raise CheckpointError("config.json: FalconMamba checkpoints are not supported")
+        return "mamba"
+    raise CheckpointError(f"config.json: unsupported model_type {model_type!r} (architectures {archs})")

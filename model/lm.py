@@ -1,0 +1,196 @@
+"""The hybrid Mamba / MoE language model.
+
+Glossary: B batch, L length, D d_model, V vocab size, nL layers, Di d_inner, K d_conv, N d_state.
+
+tokens -> embeddings -> nL x [h += mixer(norm(h)); h += ffn(ffn_norm(h)) if the layer has one]
+       -> norm_f -> lm_head -> logits.
+Pre-norm residual blocks (HF MambaBlock / JambaMambaDecoderLayer). With `residual_in_fp32` the residual
+stream is kept in fp32 (mamba_ssm's default) while the mixers and FFNs run in the weight dtype.
+
+Interfaces:
+    forward(tokens)               training / evaluation from a fresh state -> LMOutput (logits + aux losses)
+    prefill(tokens, state)        a chunk of tokens per sequence, continuing from `state` -> (logits, state)
+    decode(tokens, state)         one token per sequence -> (logits, state); O(1) in the sequence length
+`state` is a ModelState; prefill and decode return a new one and never modify the one passed in, so the
+owner (the serving engine's slot pool) decides where it is written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LayerSpec, ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .mamba import MambaMixer
+from .moe import MoE, RouterOutput, load_balancing_loss, router_z_loss
+from .state import ModelState
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # (B, L, V) fp32
+    aux_loss: Tensor  # mean load-balancing loss over MoE layers (0 without MoE)
+    z_loss: Tensor  # mean router z-loss over MoE layers (0 without MoE)
+    routers: list[RouterOutput] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MambaMixer(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if spec.ffn else None
+        if spec.ffn == "mlp":
+            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+        elif spec.ffn == "moe":
+            self.ffn = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.renormalize, cfg.capacity_factor)
+        else:
+            self.ffn = None
+
+    def _feed_forward(self, h: Tensor) -> tuple[Tensor, RouterOutput | None]:
+        if self.ffn is None:
+            return h, None
+        y = self.ffn(self.ffn_norm(h))
+        router = None
+        if isinstance(self.ffn, MoE):
+            y, router = y
+        return h + y, router
+
+    def forward(self, h: Tensor, conv: Tensor, ssm: Tensor):
+        """h: (B, L, D) -> (B, L, D), conv (B, Di, K), ssm (B, Di, N), router or None."""
+        y, conv, ssm = self.mixer(self.norm(h), conv, ssm)
+        h, router = self._feed_forward(h + y)
+        return h, conv, ssm, router
+
+    def step(self, h: Tensor, conv: Tensor, ssm: Tensor):
+        """h: (B, D) -> (B, D), conv (B, Di, K), ssm (B, Di, N)."""
+        y, conv, ssm = self.mixer.step(self.norm(h), conv, ssm)
+        h, _ = self._feed_forward(h + y)
+        return h, conv, ssm
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layers)
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._init_weights()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embeddings.weight
+
+    def cast(self, dtype: torch.dtype) -> HybridLM:
+        """Cast the weights to `dtype`, keeping A_log and D in fp32 (Mamba's numerics, pitfall 7)."""
+        self.to(dtype)
+        for block in self.layers:
+            block.mixer.A_log.data = block.mixer.A_log.data.float()
+            block.mixer.D.data = block.mixer.D.data.float()
+        return self
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """mamba_ssm `_init_weights`: N(0, init_std) embeddings, zero linear biases (but dt_proj's), and
+        residual-branch output projections scaled by 1/sqrt(2 * n_layers) (GPT-2 §2.3)."""
+        cfg = self.config
+        nn.init.normal_(self.embeddings.weight, std=cfg.init_std)
+        nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        scale = 1 / math.sqrt(2 * cfg.n_layers) if cfg.rescale_prenorm_residual else 1.0
+        for block in self.layers:
+            for name, mod in block.named_modules():
+                if isinstance(mod, nn.Linear) and mod.bias is not None and not name.endswith("dt_proj"):
+                    mod.bias.zero_()
+            block.mixer.out_proj.weight.mul_(scale)
+            if isinstance(block.ffn, SwiGLU):
+                block.ffn.down_proj.weight.mul_(scale)
+            elif isinstance(block.ffn, MoE):
+                block.ffn.down_proj.mul_(scale)
+                nn.init.normal_(block.ffn.router.weight, std=cfg.init_std)
+
+    # ---------------------------------------------------------------- state
+    def empty_state(self, batch: int, device: torch.device | str | None = None) -> ModelState:
+        cfg = self.config
+        device = device or self.embeddings.weight.device
+        return ModelState.zeros(
+            cfg.n_layers, batch, cfg.d_inner, cfg.d_conv, cfg.d_state, device, self.embeddings.weight.dtype
+        )
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        h = self.embeddings(tokens)  # (B, L, D) or (B, D)
+        return h.float() if self.config.residual_in_fp32 else h
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return self.lm_head(self.norm_f(h)).float()  # (..., V)
+
+    def _run(self, tokens: Tensor, state: ModelState):
+        """tokens (B, L) -> final hidden (B, L, D), new state, routers of MoE layers."""
+        h = self._embed(tokens)  # (B, L, D)
+        convs, ssms, routers = [], [], []
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                h, conv, ssm, router = checkpoint(block, h, state.conv[i], state.ssm[i], use_reentrant=False)
+            else:
+                h, conv, ssm, router = block(h, state.conv[i], state.ssm[i])
+            convs.append(conv)
+            ssms.append(ssm)
+            if router is not None:
+                routers.append(router)
+        return h, ModelState(torch.stack(convs), torch.stack(ssms)), routers
+
+    # ---------------------------------------------------------------- training
+    def forward(self, tokens: Tensor) -> LMOutput:
+        """tokens: (B, L) -> logits (B, L, V) and the MoE losses, from a fresh state."""
+        h, _, routers = self._run(tokens, self.empty_state(tokens.shape[0], tokens.device))
+        aux = [load_balancing_loss(r.logits, r.experts, self.config.n_experts) for r in routers]
+        z = [router_z_loss(r.logits) for r in routers]
+        mean = lambda xs: torch.stack(xs).mean() if xs else torch.zeros((), device=tokens.device)  # noqa: E731
+        return LMOutput(logits=self._logits(h), aux_loss=mean(aux), z_loss=mean(z), routers=routers)
+
+    def loss(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, LMOutput]:
+        """Cross-entropy + aux_loss_coef * aux + z_loss_coef * z. Targets of -100 are ignored."""
+        out = self(tokens)
+        ce = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        total = ce + self.config.aux_loss_coef * out.aux_loss + self.config.z_loss_coef * out.z_loss
+        return total, out
+
+    # ---------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def prefill(self, tokens: Tensor, state: ModelState, all_logits: bool = False) -> tuple[Tensor, ModelState]:
+        """tokens (B, L) continuing `state` -> logits (B, V) of the last position, or (B, L, V), and the new state."""
+        h, state, _ = self._run(tokens, state)
+        return self._logits(h if all_logits else h[:, -1]), state
+
+    @torch.inference_mode()
+    def decode(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """tokens (B,) one per sequence -> logits (B, V) and the new state."""
+        h = self._embed(tokens)  # (B, D)
+        convs, ssms = [], []
+        for i, block in enumerate(self.layers):
+            h, conv, ssm = block.step(h, state.conv[i], state.ssm[i])
+            convs.append(conv)
+            ssms.append(ssm)
+        return self._logits(h), ModelState(torch.stack(convs), torch.stack(ssms))
+
+    # ---------------------------------------------------------------- introspection
+    def moe_layers(self) -> dict[int, MoE]:
+        return {i: b.ffn for i, b in enumerate(self.layers) if isinstance(b.ffn, MoE)}
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, active per token): an MoE layer contributes top_k of its experts to the active count."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for moe in self.moe_layers().values():
+            per_expert = moe.gate_proj[0].numel() + moe.up_proj[0].numel() + moe.down_proj[0].numel()
+            inactive += (moe.n_experts - moe.top_k) * per_expert
+        return total, total - inactive

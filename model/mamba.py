@@ -1,0 +1,117 @@
+"""Mamba-1 mixer (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+Glossary: B batch, L length, D d_model, Di d_inner (= expand * D), N d_state, K d_conv, R dt_rank.
+
+Parameter names and shapes are those of HF `MambaMixer` (and Jamba's mixer with `mixer_norms`), so HF
+checkpoints load by name: in_proj (2Di, D), conv1d (Di, 1, K), x_proj (R + 2N, Di), dt_proj (Di, R) + bias,
+A_log (Di, N), D (Di,), out_proj (D, Di); optional dt/b/c_layernorm (R), (N), (N).
+
+The per-sequence state is fixed-size whatever the length (§3.4, "recurrent mode"):
+    conv: (B, Di, K)  the last K pre-conv inputs, oldest first (the newest at index K-1);
+    ssm:  (B, Di, N)  h after the last token, fp32.
+Three entry points share one set of weights:
+    forward(u, conv, ssm)   a sequence, starting from the given state (zeros = a fresh sequence). With a
+                            cached state this is chunked prefill: the conv window continues from the cached
+                            inputs and the scan starts from the cached h (HF's fallbacks restart h at zero).
+    step(u, conv, ssm)      one token per sequence: the O(1) decode.
+Both return the new state and never modify their inputs: the caller owns and writes the state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .layers import RMSNorm
+from .scan import selective_scan
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D, Di, N, K, R = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.dt_rank
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = Di, N, K, R
+        self.in_proj = nn.Linear(D, 2 * Di, bias=cfg.proj_bias)
+        self.conv1d = nn.Conv1d(Di, Di, K, groups=Di, padding=K - 1, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(Di, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, Di, bias=True)
+        self.A_log = nn.Parameter(torch.empty(Di, N, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(Di, dtype=torch.float32))
+        self.out_proj = nn.Linear(Di, D, bias=cfg.proj_bias)
+        self.mixer_norms = cfg.mixer_norms
+        if cfg.mixer_norms:
+            self.dt_layernorm = RMSNorm(R, cfg.norm_eps)
+            self.b_layernorm = RMSNorm(N, cfg.norm_eps)
+            self.c_layernorm = RMSNorm(N, cfg.norm_eps)
+        self.reset_ssm_parameters(cfg)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, cfg: ModelConfig) -> None:
+        """S4D-real A and log-uniform dt (Mamba §3.6 and mamba_ssm `Mamba.__init__`)."""
+        N, Di = self.d_state, self.d_inner
+        # A = -[1, 2, ..., N] for every channel, stored as its log (A_log is positive; A = -exp(A_log)).
+        self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(Di, 1))
+        self.D.fill_(1.0)
+        std = self.dt_rank**-0.5 * cfg.dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        # dt ~ log-uniform in [dt_min, dt_max]; the bias stores softplus^-1(dt) so softplus(bias) = dt.
+        u = torch.rand(Di)
+        dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def empty_state(self, batch: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:
+        dtype = dtype or self.in_proj.weight.dtype
+        conv = torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype)
+        ssm = torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        return conv, ssm
+
+    def _ssm_inputs(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """xc (..., Di) -> delta (..., Di), B_ssm (..., N), C_ssm (..., N), all fp32 (pitfalls 4, 5, 7)."""
+        dbc = self.x_proj(xc)  # (..., R + 2N)
+        dt, B_ssm, C_ssm = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.mixer_norms:
+            dt, B_ssm, C_ssm = self.dt_layernorm(dt), self.b_layernorm(B_ssm), self.c_layernorm(C_ssm)
+        # The bias is added in fp32 before softplus, as mamba_ssm's `delta_bias` (pitfall 4).
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        return delta, B_ssm.float(), C_ssm.float()
+
+    def forward(self, u: Tensor, conv: Tensor | None = None, ssm: Tensor | None = None):
+        """u: (B, L, D) -> out (B, L, D), conv (B, Di, K), ssm (B, Di, N)."""
+        Bsz, L, _ = u.shape
+        if conv is None or ssm is None:
+            conv, ssm = self.empty_state(Bsz, u.device, self.in_proj.weight.dtype)
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, Di) each
+        x = x.transpose(1, 2)  # (B, Di, L)
+        window = torch.cat([conv.to(x.dtype), x], dim=-1)  # (B, Di, K + L)
+        new_conv = window[..., -self.d_conv :].contiguous()  # (B, Di, K)
+        # Causal depthwise conv continuing from the cached inputs: the first output sees the K-1 cached
+        # columns, exactly as zero padding does for a fresh sequence.
+        xc = F.conv1d(window[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)  # (B, Di, L)
+        xc = F.silu(xc).transpose(1, 2)  # (B, L, Di)
+        delta, B_ssm, C_ssm = self._ssm_inputs(xc)
+        A = -torch.exp(self.A_log.float())  # (Di, N)
+        y, new_ssm = selective_scan(xc.float(), delta, A, B_ssm, C_ssm, self.D.float(), ssm)  # (B, L, Di)
+        y = (y * F.silu(z.float())).to(u.dtype)  # gate after the D skip (pitfall 5)
+        return self.out_proj(y), new_conv, new_ssm  # (B, L, D)
+
+    def step(self, u: Tensor, conv: Tensor, ssm: Tensor):
+        """u: (B, D) one token per sequence -> out (B, D), conv (B, Di, K), ssm (B, Di, N)."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, Di) each
+        window = torch.cat([conv[..., 1:], x.unsqueeze(-1).to(conv.dtype)], dim=-1)  # (B, Di, K)
+        w = self.conv1d.weight.squeeze(1)  # (Di, K)
+        xc = (window.float() * w.float()).sum(-1)  # (B, Di)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.float()
+        xc = F.silu(xc).to(u.dtype)  # (B, Di)
+        delta, B_ssm, C_ssm = self._ssm_inputs(xc)  # (B, Di), (B, N), (B, N)
+        A = -torch.exp(self.A_log.float())  # (Di, N)
+        x32 = xc.float()
+        h = torch.exp(delta.unsqueeze(-1) * A) * ssm + (delta * x32).unsqueeze(-1) * B_ssm.unsqueeze(1)  # (B, Di, N)
+        y = torch.bmm(h, C_ssm.unsqueeze(-1)).squeeze(-1) + self.D.float() * x32  # (B, Di)
+        y = (y * F.silu(z.float())).to(u.dtype)
+        return self.out_proj(y), window, h  # (B, D)

@@ -1,0 +1,126 @@
+"""Tokenizer: a `tokenizers` tokenizer.json plus the special tokens and chat template of tokenizer_config.json.
+
+Encoding follows the checkpoint's files exactly: special tokens (BOS) are added only by the tokenizer.json
+post-processor, or when tokenizer_config.json sets add_bos_token. Decoding for streaming goes through
+`IncrementalDetokenizer`, which never emits half a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+# Used when a checkpoint has no chat template: each turn is "<|role|>\n{content}<|end|>\n".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _token_str(value) -> str | None:
+    """tokenizer_config values are a string or {"content": ...} (AddedToken)."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, config: dict | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.config = dict(config or {})
+        self.bos_token = _token_str(self.config.get("bos_token"))
+        self.eos_token = _token_str(self.config.get("eos_token"))
+        self.bos_token_id = self.token_to_id(self.bos_token)
+        self.eos_token_id = self.token_to_id(self.eos_token)
+        self.add_bos_token = bool(self.config.get("add_bos_token", False))
+        self.chat_template = self.config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default") or next(iter(named.values()))
+        self._template = ImmutableSandboxedEnvironment(trim_blocks=False).from_string(self.chat_template)
+        # Tokens that end a generation: EOS and the end-of-turn marker of the chat template, if known.
+        stops = [self.eos_token, "<|end|>", *self.config.get("stop_tokens", [])]
+        self.stop_token_ids = sorted({i for t in stops if (i := self.token_to_id(t)) is not None})
+        added = self.tokenizer.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> Tokenizer | None:
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").exists():
+            return None
+        config_file = directory / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), config)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render the template, then encode it without adding special tokens again (the template has them)."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text pieces, UTF-8 safe.
+
+    The text of the tokens since `prefix` is decoded again at each step (a few tokens of context keep
+    SentencePiece's leading-space handling right); new text is emitted only once it no longer ends in the
+    replacement character, i.e. once a multi-byte character is complete (the vLLM / TGI scheme).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the context window
+        self.read = 0  # tokens before this have been emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
+        full_text = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return full_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """What is left at the end of a generation (an incomplete character decodes as U+FFFD)."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
+        full_text = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
+        self.prefix = self.read = len(self.ids)
+        return full_text[len(prefix_text) :]

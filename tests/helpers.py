@@ -1,0 +1,41 @@
+"""Small objects the tests build for themselves: a trained toy tokenizer and tiny checkpoints."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from model import HybridLM, LayerSpec, ModelConfig
+from model.checkpoint import save_checkpoint
+from training.tokenizer import train_tokenizer
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+TOY_TEXT = [
+    "Once upon a time there was a little cat named Tom. Tom liked to play with a red ball.",
+    "One day, Lily went to the park with her mom. She saw a big dog and said hello.",
+    "The sun was warm and the birds sang. Café, naïve, 日本語 and emoji 🙂 are text too.",
+] * 20
+
+
+@cache
+def toy_tokenizer(vocab_size: int = 300):
+    return train_tokenizer(TOY_TEXT, vocab_size)
+
+
+def tiny_config(vocab_size: int, **kw) -> ModelConfig:
+    base = dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        layers=[LayerSpec("mamba", None), LayerSpec("mamba", "moe")],
+        d_state=8,
+        d_ff=48,
+        n_experts=4,
+        top_k=1,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def make_tiny_checkpoint(directory: Path, **kw) -> Path:
+    tok = toy_tokenizer()
+    model = HybridLM(tiny_config(tok.vocab_size, **kw))
+    return save_checkpoint(model, directory, tok)

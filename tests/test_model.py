@@ -1,0 +1,154 @@
+"""Core invariances of the recurrent model: decode == forward, chunked == one-shot, batched == alone."""
+
+import pytest
+import torch
+
+from model import HybridLM, LayerSpec, ModelConfig, preset
+
+LAYOUTS = {
+    "mamba": dict(layers=[LayerSpec("mamba", None)] * 3),
+    "moe-mamba": dict(layers=[LayerSpec("mamba", "moe")] * 2, d_ff=48, n_experts=4, top_k=1),
+    "jamba": dict(
+        layers=[LayerSpec("mamba", "mlp"), LayerSpec("mamba", "moe")],
+        d_ff=40,
+        n_experts=4,
+        top_k=2,
+        mixer_norms=True,
+        residual_in_fp32=False,
+        tie_embeddings=False,
+        norm_eps=1e-6,
+    ),
+}
+
+
+def tiny(layout: str, **kw) -> HybridLM:
+    cfg = ModelConfig(vocab_size=97, d_model=32, d_state=8, d_conv=4, expand=2, **LAYOUTS[layout], **kw)
+    return HybridLM(cfg).eval()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prefill_then_decode_equals_forward(layout):
+    model = tiny(layout)
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(tokens).logits  # (B, L, V)
+    logits, state = model.prefill(tokens[:, :3], model.empty_state(2))
+    diffs = [(logits - full[:, 2]).abs().max()]
+    for t in range(3, 12):
+        logits, state = model.decode(tokens[:, t], state)
+        diffs.append((logits - full[:, t]).abs().max())
+    assert max(diffs) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunked_prefill_equals_one_shot(layout):
+    model = tiny(layout)
+    tokens = torch.randint(0, 97, (2, 17))
+    one_logits, one_state = model.prefill(tokens, model.empty_state(2), all_logits=True)
+    state, chunks = model.empty_state(2), []
+    for a, b in [(0, 2), (2, 7), (7, 8), (8, 17)]:  # chunks shorter and longer than d_conv
+        logits, state = model.prefill(tokens[:, a:b], state, all_logits=True)
+        chunks.append(logits)
+    assert (torch.cat(chunks, 1) - one_logits).abs().max() <= 1e-5
+    assert (state.ssm - one_state.ssm).abs().max() <= 1e-5
+    assert (state.conv - one_state.conv).abs().max() <= 1e-5
+
+
+def test_state_is_fixed_size_and_inputs_untouched():
+    model = tiny("moe-mamba")
+    state = model.empty_state(1)
+    before = (state.conv.clone(), state.ssm.clone())
+    _, s1 = model.prefill(torch.randint(0, 97, (1, 5)), state)
+    _, s2 = model.prefill(torch.randint(0, 97, (1, 50)), state)
+    assert s1.conv.shape == s2.conv.shape == state.conv.shape and s1.ssm.shape == s2.ssm.shape
+    assert torch.equal(state.conv, before[0]) and torch.equal(state.ssm, before[1])
+    cfg = model.config
+    assert state.bytes_per_sequence() == cfg.n_layers * cfg.d_inner * (cfg.d_conv + cfg.d_state) * 4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mixed_lengths_through_slots_equal_alone(layout):
+    """Sequences of different lengths decoded together through a slot pool equal each decoded alone."""
+    model = tiny(layout)
+    prompts = [torch.randint(0, 97, (n,)) for n in (3, 8, 5)]
+    steps = 6
+
+    def alone(prompt):
+        logits, state = model.prefill(prompt[None], model.empty_state(1))
+        out = [logits[0]]
+        for _ in range(steps):
+            logits, state = model.decode(logits.argmax(-1), state)
+            out.append(logits[0])
+        return torch.stack(out)
+
+    expected = [alone(p) for p in prompts]
+    pool = model.empty_state(5)  # more slots than sequences; the sequences live in slots 4, 0, 2
+    slots = torch.tensor([4, 0, 2])
+    outs, last = [[] for _ in prompts], []
+    for i, (slot, p) in enumerate(zip(slots.tolist(), prompts)):
+        logits, st = model.prefill(p[None], pool.select([slot]))
+        pool.conv[:, slot], pool.ssm[:, slot] = st.conv[:, 0], st.ssm[:, 0]
+        outs[i].append(logits[0])
+        last.append(logits[0].argmax())
+    tokens = torch.stack(last)
+    for _ in range(steps):
+        logits, st = model.decode(tokens, pool.select(slots))
+        pool.conv[:, slots], pool.ssm[:, slots] = st.conv, st.ssm
+        for i in range(len(prompts)):
+            outs[i].append(logits[i])
+        tokens = logits.argmax(-1)
+    for got, want in zip(outs, expected):
+        assert (torch.stack(got) - want).abs().max() <= 1e-5
+
+
+def test_training_forward_returns_losses_and_gradients():
+    model = tiny("moe-mamba").train()
+    tokens = torch.randint(0, 97, (2, 10))
+    loss, out = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert out.aux_loss > 0 and out.z_loss > 0 and len(out.routers) == 2
+    assert model.layers[0].mixer.A_log.grad is not None and model.layers[0].ffn.router.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = tiny("jamba").train()
+    tokens = torch.randint(0, 97, (2, 10))
+    model.loss(tokens[:, :-1], tokens[:, 1:])[0].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model.loss(tokens[:, :-1], tokens[:, 1:])[0].backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+
+
+def test_init_follows_mamba():
+    model = tiny("mamba")
+    mixer = model.layers[0].mixer
+    assert torch.allclose(-torch.exp(mixer.A_log[0]), -torch.arange(1, 9, dtype=torch.float32))
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_decode_close_to_forward(dtype):
+    model = tiny("moe-mamba").cast(dtype)
+    assert model.layers[0].mixer.A_log.dtype == torch.float32
+    tokens = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        full = model(tokens).logits
+    logits, state = model.prefill(tokens[:, :2], model.empty_state(1))
+    assert state.ssm.dtype == torch.float32 and state.conv.dtype == dtype
+    for t in range(2, 6):
+        logits, state = model.decode(tokens[:, t], state)
+        assert (logits - full[:, t]).abs().max() < 0.1
+
+
+def test_presets_build():
+    for name in ("debug", "aetheris-hybrid"):
+        assert HybridLM(preset(name)).config.n_layers >= 2
+    paper = preset("moe-mamba-paper")
+    assert paper.d_model == 512 and len(paper.moe_layers) == 8 and paper.n_experts == 32 and paper.d_ff == 1536
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("nope")

@@ -1,0 +1,63 @@
+"""MoE: grouped dispatch == per-token loop; losses at known values; capacity drops; statistics."""
+
+import math
+
+import pytest
+import torch
+
+from model.moe import MoE, load_balancing_loss, moe_reference, route, router_z_loss
+
+
+@pytest.mark.parametrize("top_k,renorm", [(1, False), (2, False), (2, True)])
+def test_grouped_dispatch_equals_naive_loop(top_k, renorm):
+    moe = MoE(16, 24, n_experts=5, top_k=top_k, renormalize=renorm).eval()
+    x = torch.randn(3, 7, 16)
+    out, router = moe(x)
+    assert torch.allclose(out, moe_reference(moe, x), atol=1e-6)
+    assert int(moe.expert_counts.sum()) == 21 * top_k
+    if renorm:
+        assert torch.allclose(router.weights.sum(-1), torch.ones(21))
+
+
+def test_aux_loss_at_perfect_balance_is_k():
+    E, T = 4, 8
+    logits = torch.zeros(T, E)  # uniform probabilities
+    for k in (1, 2):
+        experts = torch.stack([(torch.arange(T) + j) % E for j in range(k)], dim=1)  # every expert equally often
+        assert math.isclose(load_balancing_loss(logits, experts, E).item(), k, rel_tol=1e-6)
+
+
+def test_aux_loss_collapsed_routing_is_E():
+    logits = torch.tensor([[10.0, 0, 0, 0]]).repeat(6, 1)
+    experts = torch.zeros(6, 1, dtype=torch.long)
+    p0 = torch.softmax(logits[0], 0)[0].item()
+    assert math.isclose(load_balancing_loss(logits, experts, 4).item(), 4 * p0, rel_tol=1e-6)
+
+
+def test_z_loss_known_value():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
+    assert math.isclose(router_z_loss(logits).item(), expected, rel_tol=1e-6)
+
+
+def test_router_topk_weights_not_renormalised_by_default():
+    r = route(torch.tensor([[2.0, 1.0, 0.0]]), top_k=2, renormalize=False)
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
+    assert torch.allclose(r.weights[0], p[:2]) and r.experts[0].tolist() == [0, 1]
+
+
+def test_capacity_drops_overflow_in_training_only():
+    moe = MoE(8, 16, n_experts=2, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 10.0  # every token with x[0] > 0 strongly prefers expert 0
+    x = torch.randn(40, 8).abs()
+    moe.train()
+    out, _ = moe(x)
+    capacity = math.ceil(1.0 * 40 / 2)
+    assert int(moe.expert_counts[0]) == capacity and int(moe.dropped_count) == 40 - capacity
+    assert (out.abs().sum(-1) == 0).sum() == 40 - capacity  # dropped tokens get no expert output
+    moe.reset_stats()
+    moe.eval()
+    moe(x)
+    assert int(moe.expert_counts.sum()) == 40 and int(moe.dropped_count) == 0

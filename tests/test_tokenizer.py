@@ -1,0 +1,42 @@
+"""Tokenizer wrapper: exact encode/decode, no surprise BOS, UTF-8-safe streaming, chat template."""
+
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from tests.helpers import toy_tokenizer
+
+TEXT = 'Once upon a time, Café 日本語 🙂 said: "hi".'
+
+
+def test_round_trip_and_no_bos():
+    tok = toy_tokenizer()
+    ids = tok.encode(TEXT)
+    assert tok.decode(ids) == TEXT and ids[0] != tok.eos_token_id
+
+
+def test_add_bos_from_config(tmp_path):
+    tok = toy_tokenizer()
+    tok2 = Tokenizer(tok.tokenizer, {**tok.config, "bos_token": "<|endoftext|>", "add_bos_token": True})
+    assert tok2.encode("hi")[0] == tok2.bos_token_id and tok2.encode("hi", add_special_tokens=False)[0] != 0
+
+
+def test_incremental_detokenizer_never_splits_characters():
+    tok = toy_tokenizer()
+    ids = tok.encode(TEXT)
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(i) for i in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == TEXT
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if p == "") > 0  # the emoji's bytes span several tokens
+
+
+def test_chat_template_and_stop_tokens(tmp_path):
+    tok = toy_tokenizer()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = tok.apply_chat_template(messages)
+    assert text == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+    ids = tok.encode_chat(messages)
+    assert ids[0] == tok.token_to_id("<|system|>") and tok.decode(ids, skip_special_tokens=False) == text
+    assert set(tok.stop_token_ids) == {tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|end|>")}
+    tok.save(tmp_path)
+    again = Tokenizer.from_dir(tmp_path)
+    assert again.encode(TEXT) == tok.encode(TEXT) and again.apply_chat_template(messages) == text

@@ -1,0 +1,1 @@
+"""Aetheris training pipeline: data, tokenizer training, the training loop, checkpoints, plots."""
