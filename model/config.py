@@ -167,10 +167,10 @@ def preset(name: str, **overrides) -> ModelConfig:
         "mamba-130m": dict(vocab_size=50280, d_model=768, layers=alternating(24, None)),
         # The embedded default model (checkpoints/aetheris-hybrid): MoE-Mamba at a CPU-trainable size.
         "aetheris-hybrid": dict(
-            vocab_size=8192,
+            vocab_size=4096,
             d_model=256,
-            layers=alternating(6, "moe"),
-            d_ff=512,
+            layers=alternating(4, "moe"),
+            d_ff=256,
             n_experts=8,
             top_k=1,
         ),

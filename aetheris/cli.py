@@ -1,0 +1,95 @@
+"""`aetheris` command line: train, generate, serve, analyze-router.
+
+Each subcommand documents its options in --help. Bad options or config values end with a one-line
+`aetheris: error: ...` naming the option, key or file, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    cfg = load_config(args.config, args.set)
+    summary = Trainer(cfg, resume=args.resume).train()
+    if summary:
+        print(f"final checkpoint: {summary['final']}")
+        if "eval_loss" in summary:
+            print(f"held-out loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from training.generate import generate
+
+    generate(args)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from server.__main__ import main as serve_main
+
+    serve_main(args.server_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aetheris", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,serve,analyze-router}")
+
+    t = sub.add_parser("train", help="train a model from a YAML config (also under torchrun for DDP)")
+    t.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set schedule.steps=50 (repeatable)",
+    )
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="stream a completion from a checkpoint to the terminal")
+    g.add_argument(
+        "--checkpoint_dir",
+        "--model",
+        dest="checkpoint_dir",
+        default=None,
+        help="our checkpoint dir, a HF Mamba/Jamba dir or a Hub repo id (default: the embedded model)",
+    )
+    g.add_argument("--prompt", required=True, help="the text to continue (or the user message with --chat)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max_tokens", type=int, default=200, help="new tokens at most (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
+    g.set_defaults(func=_generate)
+
+    s = sub.add_parser(
+        "serve", help="run the OpenAI-compatible server (same options as python -m server)", add_help=False
+    )
+    s.add_argument("server_args", nargs=argparse.REMAINDER, help="options of python -m server (see --help)")
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from model.hf import CheckpointError
+    from training.config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        parser.exit(2, f"aetheris: error: {e}\n")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

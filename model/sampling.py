@@ -1,0 +1,89 @@
+"""Token sampling, vectorised over a batch with per-row parameters.
+
+Glossary: B batch (rows), V vocab size, K top logprobs.
+
+Each row has its own temperature (0 = greedy), top_k (0 = off), top_p (1 = off), presence and frequency
+penalties (OpenAI's definition: logit -= presence * [count > 0] + frequency * count, over the row's
+generated tokens), additive logit bias, and optionally its own torch.Generator so that a seeded request
+draws the same numbers whatever else shares the batch. Random numbers are drawn one per row from that row's
+generator; the draw itself (inverse CDF on the sorted, truncated distribution) is vectorised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingBatch:
+    temperature: Tensor  # (B,) float; 0 = greedy
+    top_k: Tensor  # (B,) long; 0 = off
+    top_p: Tensor  # (B,) float; 1 = off
+    presence_penalty: Tensor | None = None  # (B,) float
+    frequency_penalty: Tensor | None = None  # (B,) float
+    token_counts: Tensor | None = None  # (B, V) generated-token counts, needed with penalties
+    logit_bias: Tensor | None = None  # (B, V) additive
+    generators: list[torch.Generator | None] | None = None  # one per row, None = global RNG
+
+    @classmethod
+    def uniform(cls, batch: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> SamplingBatch:
+        return cls(
+            torch.full((batch,), float(temperature)),
+            torch.full((batch,), top_k, dtype=torch.long),
+            torch.full((batch,), float(top_p)),
+        )
+
+
+def apply_penalties(logits: Tensor, s: SamplingBatch) -> Tensor:
+    """logits (B, V) fp32 -> logits with logit bias and presence/frequency penalties applied."""
+    if s.logit_bias is not None:
+        logits = logits + s.logit_bias
+    if s.token_counts is not None and (s.presence_penalty is not None or s.frequency_penalty is not None):
+        counts = s.token_counts.to(logits.dtype)  # (B, V)
+        if s.frequency_penalty is not None:
+            logits = logits - s.frequency_penalty.unsqueeze(1) * counts
+        if s.presence_penalty is not None:
+            logits = logits - s.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _uniforms(s: SamplingBatch, batch: int, device: torch.device) -> Tensor:
+    gens = s.generators or [None] * batch
+    draws = [torch.rand(1, generator=g) if g is not None else torch.rand(1) for g in gens]
+    return torch.cat(draws).to(device)  # (B,)
+
+
+def sample(logits: Tensor, s: SamplingBatch) -> Tensor:
+    """logits (B, V) fp32 (already penalised) -> token ids (B,)."""
+    greedy = s.temperature <= 0  # (B,)
+    greedy_ids = logits.argmax(dim=-1)  # (B,)
+    if bool(greedy.all()):
+        return greedy_ids
+    temp = torch.where(greedy, torch.ones_like(s.temperature), s.temperature).to(logits.device)
+    probs = torch.softmax(logits / temp.unsqueeze(1), dim=-1)  # (B, V)
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)  # (1, V)
+    k = s.top_k.to(probs.device).unsqueeze(1)  # (B, 1)
+    keep = (k <= 0) | (ranks < k)
+    # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    keep &= mass_before < s.top_p.to(probs.device).unsqueeze(1)
+    sorted_p = sorted_p * keep
+    cdf = sorted_p.cumsum(dim=-1)  # (B, V)
+    u = _uniforms(s, logits.shape[0], probs.device) * cdf[:, -1]  # (B,)
+    pos = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
+    drawn = order.gather(1, pos).squeeze(1)  # (B,)
+    return torch.where(greedy.to(logits.device), greedy_ids, drawn)
+
+
+def top_logprobs(logprobs: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """logprobs (B, V) -> chosen logprob (B,), top-k values (B, K) and ids (B, K)."""
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    if k <= 0:
+        empty = logprobs.new_zeros(logprobs.shape[0], 0)
+        return chosen_lp, empty, empty.long()
+    vals, ids = logprobs.topk(k, dim=-1)
+    return chosen_lp, vals, ids

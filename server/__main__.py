@@ -1,0 +1,24 @@
+"""`python -m server`: serve a model (the embedded default unless --model says otherwise) on :7860."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from .app import create_app
+from .settings import parse_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_args(argv)
+    level = getattr(logging, settings.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""POST /v1/chat/completions: chat template -> engine -> chat.completion or chat.completion.chunk stream."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from .errors import APIError
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
+    DeltaMessage,
+    PromptTokensDetails,
+    TopLogprob,
+    UsageInfo,
+    new_id,
+    now,
+)
+from .serving import Serving
+from .streaming import sse_response, until_disconnect
+from .types import GenerationRequest, SamplingParams, TokenLogprob, Usage
+
+log = logging.getLogger("aetheris.api")
+
+
+def usage_info(u: Usage) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens),
+    )
+
+
+def _chat_logprobs(serving: Serving, lps: list[TokenLogprob]) -> ChoiceLogprobs:
+    def top(tok: int, lp: float) -> TopLogprob:
+        text = serving.token_text(tok)
+        return TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
+
+    return ChoiceLogprobs(
+        content=[
+            ChatTokenLogprob(**top(lp.token_id, lp.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in lp.top])
+            for lp in lps
+        ]
+    )
+
+
+def build_request(serving: Serving, body: ChatCompletionRequest) -> GenerationRequest:
+    serving.check_model(body.model)
+    if (bad := body.unsupported()) is not None:
+        raise APIError(400, bad[1], bad[0], "unsupported_parameter")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    prompt = serving.tokenizer.encode_chat(messages)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = SamplingParams(
+        max_tokens=serving.settings.default_max_tokens if max_tokens is None else max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=serving.logit_bias(body.logit_bias),
+        stop=body.stop_list,
+        ignore_eos=body.ignore_eos,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        n=body.n,
+    )
+    return GenerationRequest(new_id("chatcmpl"), prompt, params)
+
+
+async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, request: Request):
+    req = build_request(serving, body)
+    serving.log_request(req, body.messages)
+    outputs = await serving.start(req)  # raises 503 before any byte is sent when overloaded
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(_stream(req, body, outputs, serving, include_usage))
+    return await until_disconnect(request, _collect(req, body, outputs, serving))
+
+
+async def _collect(req: GenerationRequest, body: ChatCompletionRequest, outputs: AsyncIterator, serving: Serving):
+    n = req.params.n
+    texts, finish, lps = [""] * n, [None] * n, [[] for _ in range(n)]
+    usage = None
+    async for out in outputs:
+        for d in out.deltas:
+            texts[d.index] += d.text
+            lps[d.index] += d.logprobs
+            finish[d.index] = d.finish_reason or finish[d.index]
+        usage = out.usage or usage
+    serving.log_done(req, usage, texts)
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=texts[i]),
+            finish_reason=finish[i],
+            logprobs=_chat_logprobs(serving, lps[i]) if body.logprobs else None,
+        )
+        for i in range(n)
+    ]
+    return ChatCompletion(
+        id=req.request_id, created=now(), model=serving.model_name, choices=choices, usage=usage_info(usage)
+    )
+
+
+async def _stream(
+    req, body: ChatCompletionRequest, outputs: AsyncIterator, serving: Serving, include_usage: bool
+) -> AsyncIterator[dict]:
+    created, model = now(), serving.model_name
+
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> dict:
+        c = ChatCompletionChunk(id=req.request_id, created=created, model=model, choices=choices, usage=usage)
+        out = c.model_dump(exclude=None if include_usage else {"usage"})
+        for choice in out["choices"]:  # deltas carry only what changed: {"role"...} first, {} at the end
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return out
+
+    for i in range(req.params.n):  # the first chunk of each choice carries the role
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+    texts = [""] * req.params.n
+    async for out in outputs:
+        for d in out.deltas:
+            texts[d.index] += d.text
+            if d.text or d.logprobs:
+                lp = _chat_logprobs(serving, d.logprobs) if body.logprobs else None
+                yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), logprobs=lp)])
+            if d.finish_reason:
+                yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(), finish_reason=d.finish_reason)])
+        if out.usage is not None:
+            serving.log_done(req, out.usage, texts)
+            if include_usage:
+                yield chunk([], usage_info(out.usage))

@@ -1,0 +1,168 @@
+"""POST /v1/completions: raw prompts (text or token ids, one or many) -> text_completion.
+
+With echo + logprobs + max_tokens 0 the response scores a text: the logprob of every prompt token given
+the ones before it (what lm-evaluation-harness's `local-completions` needs for loglikelihood tasks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from .chat import usage_info
+from .errors import APIError
+from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, new_id, now
+from .serving import Serving
+from .streaming import merge, sse_response, until_disconnect
+from .types import GenerationRequest, SamplingParams, TokenLogprob, Usage
+
+
+def _prompts(serving: Serving, prompt) -> list[tuple[str, list[int]]]:
+    """(text, token ids) for every prompt in any of the four accepted forms."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt must not be an empty list", "prompt", "invalid_value")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = serving.tokenizer.encode(p)
+            if not ids:  # an empty prompt starts a new document
+                ids = [serving.tokenizer.eos_token_id or 0]
+            out.append((p, ids))
+        else:
+            if not p:
+                raise APIError(400, "a token-id prompt must not be empty", "prompt", "invalid_value")
+            serving.check_tokens(p, "prompt")
+            out.append((serving.tokenizer.decode(p, skip_special_tokens=False), list(p)))
+    return out
+
+
+def build_requests(serving: Serving, body: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
+    serving.check_model(body.model)
+    if (bad := body.unsupported()) is not None:
+        raise APIError(400, bad[1], bad[0], "unsupported_parameter")
+    base = new_id("cmpl")
+    reqs = []
+    for i, (text, ids) in enumerate(_prompts(serving, body.prompt)):
+        params = SamplingParams(
+            max_tokens=16 if body.max_tokens is None else body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=serving.logit_bias(body.logit_bias),
+            stop=body.stop_list,
+            ignore_eos=body.ignore_eos,
+            logprobs=body.logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+            n=body.n,
+        )
+        reqs.append((text, GenerationRequest(f"{base}-{i}", ids, params)))
+    return reqs
+
+
+class _Logprobs:
+    """Accumulates the legacy completions logprobs object for one choice."""
+
+    def __init__(self, serving: Serving, offset: int) -> None:
+        self.serving, self.offset, self.obj = serving, offset, CompletionLogprobs()
+
+    def add(self, token_id: int, lp: TokenLogprob | None) -> None:
+        text = self.serving.token_text(token_id)
+        self.obj.tokens.append(text)
+        self.obj.token_logprobs.append(None if lp is None else lp.logprob)
+        self.obj.top_logprobs.append(None if lp is None else {self.serving.token_text(t): v for t, v in lp.top})
+        self.obj.text_offset.append(self.offset)
+        self.offset += len(text)
+
+
+async def create_completion(serving: Serving, body: CompletionRequest, request: Request):
+    reqs = build_requests(serving, body)
+    for _, req in reqs:
+        serving.log_request(req)
+    streams = [await serving.start(req) for _, req in reqs]
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(_stream(serving, body, reqs, streams, include_usage))
+    return await until_disconnect(request, _collect(serving, body, reqs, streams))
+
+
+async def _collect(serving: Serving, body: CompletionRequest, reqs, streams: list[AsyncIterator]) -> Completion:
+    n = body.n
+    texts = [text if body.echo else "" for text, _ in reqs for _ in range(n)]
+    finish: list[str | None] = [None] * len(texts)
+    lps = [_Logprobs(serving, 0 if body.echo else len(text)) for text, _ in reqs for _ in range(n)]
+    usage = Usage(0, 0, 0)
+    async for p, out in merge(streams):
+        if out.prompt_logprobs is not None:  # echo: the prompt's tokens lead each choice's logprobs
+            prompt_ids = reqs[p][1].prompt_ids
+            for j in range(n):
+                for tok, lp in zip(prompt_ids, out.prompt_logprobs):
+                    lps[p * n + j].add(tok, lp)
+        for d in out.deltas:
+            k = p * n + d.index
+            texts[k] += d.text
+            for tok, lp in zip(d.token_ids, d.logprobs or [None] * len(d.token_ids)):
+                lps[k].add(tok, lp)
+            finish[k] = d.finish_reason or finish[k]
+        if out.usage:
+            usage = Usage(
+                usage.prompt_tokens + out.usage.prompt_tokens,
+                usage.completion_tokens + out.usage.completion_tokens,
+                usage.cached_tokens + out.usage.cached_tokens,
+            )
+    choices = [
+        CompletionChoice(
+            index=k, text=texts[k], finish_reason=finish[k], logprobs=lps[k].obj if body.logprobs is not None else None
+        )
+        for k in range(len(texts))
+    ]
+    return Completion(
+        id=reqs[0][1].request_id.rsplit("-", 1)[0],
+        created=now(),
+        model=serving.model_name,
+        choices=choices,
+        usage=usage_info(usage),
+    )
+
+
+async def _stream(serving: Serving, body: CompletionRequest, reqs, streams, include_usage: bool):
+    cid, created, n = reqs[0][1].request_id.rsplit("-", 1)[0], now(), body.n
+
+    def chunk(choices: list[CompletionChoice], usage=None) -> dict:
+        c = Completion(id=cid, created=created, model=serving.model_name, choices=choices, usage=usage)
+        return c.model_dump(exclude=None if include_usage else {"usage"})
+
+    if body.echo:
+        for p, (text, _) in enumerate(reqs):
+            for j in range(n):
+                yield chunk([CompletionChoice(index=p * n + j, text=text, finish_reason=None)])
+    lps = [_Logprobs(serving, len(text)) for text, _ in reqs for _ in range(n)]
+    usage = Usage(0, 0, 0)
+    async for p, out in merge(streams):
+        for d in out.deltas:
+            k = p * n + d.index
+            lp = None
+            if body.logprobs is not None and d.token_ids:
+                lps[k] = _Logprobs(serving, lps[k].offset)
+                for tok, tlp in zip(d.token_ids, d.logprobs):
+                    lps[k].add(tok, tlp)
+                lp = lps[k].obj
+            if d.text or lp or d.finish_reason:
+                yield chunk([CompletionChoice(index=k, text=d.text, logprobs=lp, finish_reason=d.finish_reason)])
+        if out.usage:
+            usage = Usage(
+                usage.prompt_tokens + out.usage.prompt_tokens,
+                usage.completion_tokens + out.usage.completion_tokens,
+                usage.cached_tokens + out.usage.cached_tokens,
+            )
+    if include_usage:
+        yield chunk([], usage_info(usage))

@@ -1,0 +1,113 @@
+"""The async engine: the scheduler loop in its own thread, requests in through an inbox, outputs out
+through one asyncio queue per request.
+
+The event loop never runs model code. `submit()` returns an async iterator of RequestOutput; leaving it early
+(client disconnect, cancellation) aborts the request, which frees its slots before the next iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from model import HybridLM
+from model.tokenizer import Tokenizer
+
+from .core import CoreConfig, EngineCore
+from .types import EngineError, EngineOverloaded, GenerationRequest, RequestOutput
+
+log = logging.getLogger("aetheris.engine")
+
+
+class Engine:
+    def __init__(
+        self, model: HybridLM, tokenizer: Tokenizer, cfg: CoreConfig, max_queue: int = 64, metrics=None
+    ) -> None:
+        self.core = EngineCore(model, tokenizer, cfg, metrics)
+        self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.max_queue = max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued = 0  # adds sent to the inbox and not yet taken by the loop
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="aetheris-engine", daemon=True)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake",))
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def num_waiting(self) -> int:
+        with self._lock:
+            return self._queued + len(self.core.waiting)
+
+    # ---------------------------------------------------------------- requests
+    def submit(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Queue a request (EngineOverloaded past max_queue) and return the iterator of its outputs.
+
+        Call from the event loop; iterate the result to the end or close it (aclose) to abort the request."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            if self._queued + len(self.core.waiting) >= self.max_queue:
+                raise EngineOverloaded(f"the server is busy: {self.max_queue} requests are already waiting")
+            self._queued += 1
+        self._inbox.put(("add", req, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+        return self._outputs(req.request_id, outputs)
+
+    async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                if out.error is not None:
+                    finished = True
+                    raise EngineError(out.error)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    # ---------------------------------------------------------------- the scheduler thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.core.has_work())
+            if self.core.has_work():
+                try:
+                    self.core.step()
+                except Exception as e:  # keep serving: fail what was in flight, not the process
+                    log.exception("engine step failed")
+                    self.core.fail_all(f"internal error in the engine: {type(e).__name__}")
+
+    def _drain(self, block: bool) -> None:
+        try:
+            msg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if msg[0] == "add":
+                with self._lock:
+                    self._queued -= 1
+                    self.core.add(msg[1], msg[2])
+            elif msg[0] == "abort":
+                self.core.abort(msg[1])
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return

@@ -1,0 +1,72 @@
+"""Prometheus metrics (prometheus_client), in a registry of the app's own."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "aetheris_"
+        self.running = Gauge(p + "requests_running", "Requests holding state slots", registry=r)
+        self.waiting = Gauge(p + "requests_waiting", "Requests waiting for a slot", registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens prefilled (cache hits excluded)", registry=r)
+        self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Arrival to first token", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds", "Time between decode iterations", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.decode_step = Histogram(
+            p + "decode_step_seconds", "Model time of one batched decode step", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.batch_size = Histogram(
+            p + "batch_size", "Sequences per decode step", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+        )
+        self.slots_used = Gauge(p + "slots_used", "State slots in use", registry=r)
+        self.slots_total = Gauge(p + "slots_total", "State slots preallocated", registry=r)
+        self.cache_bytes = Gauge(p + "state_cache_bytes", "Bytes held by prefix state snapshots", registry=r)
+        self.cache_entries = Gauge(p + "state_cache_entries", "Prefix state snapshots held", registry=r)
+        self.cache_hits = Counter(p + "state_cache_hits", "Requests that resumed from a snapshot", registry=r)
+        self.cache_misses = Counter(p + "state_cache_misses", "Requests with no usable snapshot", registry=r)
+        self.cached_tokens = Counter(p + "cached_prompt_tokens", "Prompt tokens restored from snapshots", registry=r)
+        self.expert_tokens = Counter(
+            p + "expert_tokens", "Token assignments per expert per MoE layer", ["layer", "expert"], registry=r
+        )
+        self.requests = Counter(p + "requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self._last_decode_end: float | None = None
+
+    def observe_cache(self, hit: bool, cached_tokens: int) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
+        self.cached_tokens.inc(cached_tokens)
+
+    def observe_decode(self, batch: int, seconds: float) -> None:
+        self.batch_size.observe(batch)
+        self.decode_step.observe(seconds)
+        now = time.perf_counter()
+        if self._last_decode_end is not None:
+            self.itl.observe(now - self._last_decode_end)
+        self._last_decode_end = now
+
+    def observe_core(self, core) -> None:
+        """Gauges after each scheduler iteration, and the MoE routing counts since the last one."""
+        self.running.set(len({s.request_id for s in core.running} | {r.req.request_id for r in core.prefilling}))
+        self.waiting.set(len(core.waiting))
+        self.slots_used.set(core.pool.used)
+        self.slots_total.set(core.pool.size)
+        self.cache_bytes.set(core.cache.bytes)
+        self.cache_entries.set(len(core.cache.entries))
+        if not core.running:
+            self._last_decode_end = None
+        for layer, moe in core.model.moe_layers().items():
+            counts = moe.expert_counts.tolist()
+            for e, c in enumerate(counts):
+                if c:
+                    self.expert_tokens.labels(str(layer), str(e)).inc(c)
+            moe.reset_stats()

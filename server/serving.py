@@ -1,0 +1,86 @@
+"""What the route handlers share: the loaded model's engine and tokenizer, and request-level helpers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from model.tokenizer import Tokenizer
+
+from .engine import Engine
+from .errors import APIError
+from .settings import Settings
+from .types import GenerationRequest, RequestOutput, Usage
+
+log = logging.getLogger("aetheris.api")
+
+
+class Serving:
+    def __init__(self, settings: Settings, engine: Engine, tokenizer: Tokenizer) -> None:
+        self.settings, self.engine, self.tokenizer = settings, engine, tokenizer
+        self.model_name = settings.model_name
+        self.vocab = min(engine.model.config.vocab_size, tokenizer.vocab_size)
+        self.created = 0
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                "model",
+                "model_not_found",
+            )
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        out = {}
+        for key, value in (bias or {}).items():
+            tok = int(key)
+            if tok >= self.vocab:
+                raise APIError(
+                    400,
+                    f"logit_bias: token id {tok} is outside the vocabulary (size {self.vocab})",
+                    "logit_bias",
+                    "invalid_value",
+                )
+            out[tok] = value
+        return out
+
+    def check_tokens(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise APIError(
+                400, f"{param}: token id {bad[0]} is outside the vocabulary (size {self.vocab})", param, "invalid_value"
+            )
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def start(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Submit to the engine; overload raises here, before a response has started."""
+        if not req.prompt_ids:
+            raise APIError(400, "the prompt is empty after tokenisation", "prompt", "invalid_value")
+        return self.engine.submit(req)
+
+    def log_request(self, req: GenerationRequest, content=None) -> None:
+        p = req.params
+        log.info(
+            "%s: %d prompt tokens, n=%d, max_tokens=%d, temperature=%s",
+            req.request_id,
+            len(req.prompt_ids),
+            p.n,
+            p.max_tokens,
+            p.temperature,
+        )
+        if self.settings.log_prompts and content is not None:
+            log.info("%s prompt: %r", req.request_id, content)
+
+    def log_done(self, req: GenerationRequest, usage: Usage | None, texts: list[str]) -> None:
+        if usage is not None:
+            log.info(
+                "%s: done, %d completion tokens, %d cached prompt tokens",
+                req.request_id,
+                usage.completion_tokens,
+                usage.cached_tokens,
+            )
+        if self.settings.log_prompts:
+            log.info("%s output: %r", req.request_id, texts)

@@ -1,0 +1,82 @@
+"""Server settings: every option is a command-line flag and an AETHERIS_* environment variable.
+
+Precedence: command line > environment > defaults. `python -m server --help` lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "aetheris-hybrid"
+DEFAULT_MODEL_NAME = "aetheris-hybrid"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AETHERIS_", extra="forbid")
+
+    model: str = Field(str(DEFAULT_MODEL_DIR), description="checkpoint directory or Hugging Face Hub repo id")
+    served_model_name: str | None = Field(
+        None,
+        description="model id in the API (default: aetheris-hybrid "
+        "for the embedded model, else the directory or repo name)",
+    )
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(7860, ge=1, le=65535, description="port to listen on")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu or cuda")
+    dtype: str = Field(
+        "auto",
+        pattern=r"^(auto|float32|bfloat16|float16)$",
+        description="weights dtype: auto (checkpoint dtype; bfloat16 on CUDA), float32, bfloat16, float16",
+    )
+    max_batch_size: int = Field(32, ge=1, description="state slots: the most sequences decoding at once")
+    max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot; past it: 503")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on the API routes")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins ('*' for any)")
+    state_cache_mb: float = Field(256, ge=0, description="memory for prefix state snapshots, MiB (0 = off)")
+    prefill_budget: int = Field(512, ge=1, description="prompt tokens prefilled per scheduler iteration")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens for chat requests that set none")
+    max_body_mb: float = Field(8, gt=0, description="largest accepted request body, MiB (413 past it)")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
+    log_prompts: bool = Field(False, description="log prompt and output text (off: only sizes are logged)")
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if Path(self.model).resolve() == DEFAULT_MODEL_DIR:
+            return DEFAULT_MODEL_NAME
+        return Path(self.model.rstrip("/")).name if Path(self.model).is_dir() else self.model
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Flags named after the settings (--max-batch-size ...); unset flags fall back to AETHERIS_* / defaults."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Aetheris OpenAI-compatible server. "
+        "Every option can also be set as AETHERIS_<OPTION> in the environment.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"AETHERIS_{name.upper()}"
+        help_text = f"{field.description} (env {env}; default {field.get_default(call_default_factory=True)!r})"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif name == "cors_origins":
+            parser.add_argument(flag, dest=name, nargs="*", default=None, metavar="ORIGIN", help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    try:
+        return Settings(**args)
+    except Exception as e:  # pydantic ValidationError: one line naming the option
+        errors = getattr(e, "errors", lambda: [])()
+        if errors:
+            err = errors[0]
+            name = str(err["loc"][0]) if err.get("loc") else "?"
+            parser.error(f"--{name.replace('_', '-')}: {err['msg']} (got {err.get('input')!r})")
+        parser.error(str(e))

@@ -1,0 +1,101 @@
+"""Server-sent events (sse-starlette) and client-disconnect handling shared by the completion routes.
+
+Conventions the OpenAI SDK relies on (shared/reference/serving.md §4): one `data: <json>` event per chunk,
+`: ping` comments as keep-alives, an error after the stream started as a `data: {"error": ...}` event, and
+`data: [DONE]` last, always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from .errors import error_body
+from .types import EngineError
+
+log = logging.getLogger("aetheris.api")
+T = TypeVar("T")
+PING_SECONDS = 15
+
+
+def sse_response(events: AsyncIterator[dict]) -> EventSourceResponse:
+    """Stream JSON chunks; close with [DONE], turning a failure into an error event first."""
+
+    async def frames():
+        try:
+            async for event in events:
+                yield ServerSentEvent(data=json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+        except EngineError as e:
+            yield ServerSentEvent(data=json.dumps(error_body(500, str(e), code="engine_error")))
+        except Exception:
+            log.exception("stream failed")
+            yield ServerSentEvent(data=json.dumps(error_body(500, "internal error while streaming")))
+        yield ServerSentEvent(data="[DONE]")
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return EventSourceResponse(
+        frames(),
+        ping=PING_SECONDS,
+        sep="\n",
+        headers=headers,
+        ping_message_factory=lambda: ServerSentEvent(comment="ping"),
+    )
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], poll: float = 0.25) -> T:
+    """Run `work` (a non-streaming completion), cancelling it if the client goes away: cancellation
+    closes the engine's output iterator, which aborts the request and frees its slots."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators as their items arrive, tagged with the iterator's position."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, it: AsyncIterator[T]):
+        try:
+            async for item in it:
+                await queue.put((i, item))
+        except BaseException as e:  # hand the failure to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for it in streams:
+            with contextlib.suppress(Exception):
+                await it.aclose()
