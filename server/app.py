@@ -4,7 +4,6 @@ The model loads in a background thread after the server starts listening, so /he
 ("loading") until the engine is ready and 200 after; API routes answer 503 meanwhile.
 """
 
-
 import asyncio
 import contextlib
 import logging

@@ -179,12 +179,11 @@ class EngineCore:
             self.pool.write(r.slots[1:], ModelState(state.conv.expand(-1, n, -1, -1), state.ssm.expand(-1, n, -1, -1)))
         if r.req.params.prompt_logprobs:
             r.emit(RequestOutput(r.req.request_id, prompt_logprobs=r.prompt_logprobs))
-        if r.req.params.max_tokens == 0:
-            deltas = []
+        if r.req.params.max_tokens == 0:  # scoring only (echo + logprobs): done after the prompt
             for s in r.seqs:
                 s.finish_reason = "length"
-                deltas.append(ChoiceDelta(s.index, finish_reason="length"))
-            self._emit(r, deltas)
+            self.pool.release(r.slots)
+            self._emit(r, [ChoiceDelta(s.index, finish_reason="length") for s in r.seqs])
             return
         logits = r.last_logits.unsqueeze(0).expand(len(r.seqs), -1)  # (n, V)
         self._sample_and_emit(r.seqs, logits)

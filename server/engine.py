@@ -110,4 +110,6 @@ class Engine:
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
+        if self.metrics is not None:  # aborts change the gauges even when no step follows
+            self.metrics.observe_core(self.core)

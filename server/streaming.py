@@ -25,19 +25,23 @@ T = TypeVar("T")
 PING_SECONDS = 15
 
 
+def _event(data: str) -> ServerSentEvent:
+    return ServerSentEvent(data=data, sep="\n")
+
+
 def sse_response(events: AsyncIterator[dict]) -> EventSourceResponse:
     """Stream JSON chunks; close with [DONE], turning a failure into an error event first."""
 
     async def frames():
         try:
             async for event in events:
-                yield ServerSentEvent(data=json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+                yield _event(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
         except EngineError as e:
-            yield ServerSentEvent(data=json.dumps(error_body(500, str(e), code="engine_error")))
+            yield _event(json.dumps(error_body(500, str(e), code="engine_error")))
         except Exception:
             log.exception("stream failed")
-            yield ServerSentEvent(data=json.dumps(error_body(500, "internal error while streaming")))
-        yield ServerSentEvent(data="[DONE]")
+            yield _event(json.dumps(error_body(500, "internal error while streaming")))
+        yield _event("[DONE]")
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return EventSourceResponse(
@@ -45,7 +49,7 @@ def sse_response(events: AsyncIterator[dict]) -> EventSourceResponse:
         ping=PING_SECONDS,
         sep="\n",
         headers=headers,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping"),
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
     )
 
 
