@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models; leaves a core for the server processes tests start
 
 
 @pytest.fixture(autouse=True)
