@@ -28,6 +28,12 @@ def _generate(args: argparse.Namespace) -> None:
     generate(args)
 
 
+def _analyze_router(args: argparse.Namespace) -> None:
+    from training.router_analysis import run
+
+    run(args)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from server.__main__ import main as serve_main
 
@@ -69,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
     g.set_defaults(func=_generate)
 
+    a = sub.add_parser("analyze-router", help="expert load, router entropy and top tokens of a MoE checkpoint")
+    a.add_argument(
+        "--checkpoint_dir",
+        "--model",
+        dest="checkpoint_dir",
+        required=True,
+        help="our checkpoint dir, a MoE Jamba dir or a Hub repo id",
+    )
+    a.add_argument("--text", required=True, help="a UTF-8 text file to run through the model")
+    a.add_argument("--out_dir", default="router-analysis", help="where router.json and the heatmap go")
+    a.add_argument("--seq_len", type=int, default=256, help="tokens per forward pass (default 256)")
+    a.add_argument(
+        "--capacity_factor",
+        type=float,
+        default=0.0,
+        help="report the share of assignments this capacity would drop (0 = dropless)",
+    )
+    a.add_argument("--top_tokens", type=int, default=10, help="most frequent tokens listed per expert")
+    a.add_argument("--max_chars", type=int, default=200_000, help="read at most this many characters")
+    a.set_defaults(func=_analyze_router)
+
     s = sub.add_parser(
         "serve", help="run the OpenAI-compatible server (same options as python -m server)", add_help=False
     )
@@ -85,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"aetheris: error: {e}\n")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "aetheris-hybrid"
@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
     log_prompts: bool = Field(False, description="log prompt and output text (off: only sizes are logged)")
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("api_key", "served_model_name", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if v == "" else v  # docker compose passes unset variables as ""
 
     @property
     def model_name(self) -> str:

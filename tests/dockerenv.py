@@ -1,0 +1,167 @@
+"""A private Docker engine for the build-and-serve test, and a stand-in for python:3.11-slim.
+
+These machines reach PyPI and Debian's mirror but no image registry (shared/reference/docker.md), so the
+test makes the base image itself: a debootstrapped Debian with Python, the host's CA bundle trusted inside
+(TLS is intercepted here), imported under the name `python:3.11-slim`. Torch comes from a tiny local
+package index (the local CPU wheel and its dependencies) passed through the Dockerfile's TORCH_INDEX_URL
+build argument; the Dockerfile itself is built unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def debian_mirror() -> tuple[str, str]:
+    """(mirror URL, suite) from the machine's apt sources (deb822 or one-line format)."""
+    texts = [
+        p.read_text()
+        for p in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+        if p.is_file() and p.suffix in (".list", ".sources", "")
+    ]
+    for text in texts:
+        for block in text.split("\n\n"):
+            uri = re.search(r"^URIs:\s*(\S+)", block, re.M)
+            suite = re.search(r"^Suites:\s*(\S+)", block, re.M)
+            if uri and suite and uri[1].rstrip("/").endswith("/debian"):
+                return uri[1], suite[1]
+        for line in text.splitlines():
+            m = re.match(r"deb\s+(?:\[[^]]*\]\s+)?(\S+/debian)/?\s+(\S+)\s", line)
+            if m:
+                return m[1], m[2]
+    raise RuntimeError("no Debian mirror found in /etc/apt/sources.list*")
+
+
+class DockerEngine:
+    """dockerd on its own socket and data root; overlay2, falling back to vfs."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.sock = work / "docker.sock"
+        self.host = f"unix://{self.sock}"
+        self.proc: subprocess.Popen | None = None
+        self.driver = None
+
+    def docker(self, *args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DOCKER_BUILDKIT": "0", "DOCKER_HOST": self.host}
+        return run(["docker", *args], timeout=timeout, env=env, **kw)
+
+    def start(self) -> None:
+        for driver in ("overlay2", "vfs"):
+            self._cleanup_dirs()
+            log = open(self.work / f"dockerd-{driver}.log", "w")  # noqa: SIM115
+            self.proc = subprocess.Popen(
+                [
+                    "dockerd",
+                    "--storage-driver",
+                    driver,
+                    "--data-root",
+                    str(self.work / "data"),
+                    "--exec-root",
+                    str(self.work / "exec"),
+                    "-p",
+                    str(self.work / "dockerd.pid"),
+                    "-H",
+                    self.host,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.time() + 30
+            while time.time() < deadline and self.proc.poll() is None:
+                try:
+                    info = self.docker("info", "--format", "{{.Driver}}", timeout=10).stdout.strip()
+                    if info == driver:
+                        self.driver = driver
+                        return
+                except subprocess.SubprocessError:
+                    pass
+                time.sleep(0.5)
+            self.stop()
+        raise RuntimeError(f"dockerd did not start: {(self.work / 'dockerd-vfs.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+        subprocess.run(["umount", str(self.work / "exec" / "netns" / "default")], capture_output=True)
+        self._cleanup_dirs()
+
+    def _cleanup_dirs(self) -> None:
+        for d in ("data", "exec"):
+            path = self.work / d
+            if path.exists():
+                subprocess.run(["umount", "-R", str(path)], capture_output=True)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def stand_in_python_image(engine: DockerEngine, cache: Path) -> None:
+    """Import a debootstrapped Debian with Python 3 and pip as `python:3.11-slim` (the rootfs tarball is
+    cached between runs; the CA bundle is always the current host's)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    tarball = cache / "debian-python-rootfs.tar"
+    if not tarball.exists():
+        mirror, suite = debian_mirror()
+        rootfs = cache / "rootfs"
+        shutil.rmtree(rootfs, ignore_errors=True)
+        run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates",
+                suite,
+                str(rootfs),
+                mirror,
+            ],
+            timeout=900,
+        )
+        for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+            marker.unlink()  # the official image lets pip install globally
+        with tarfile.open(tarball.with_suffix(".tmp"), "w") as tar:
+            tar.add(rootfs, arcname=".")
+        tarball.with_suffix(".tmp").rename(tarball)
+        shutil.rmtree(rootfs, ignore_errors=True)
+    # Layer the host CA bundle on top of the cached rootfs at import time.
+    ca_tar = cache / "ca.tar"
+    with tarfile.open(ca_tar, "w") as tar:
+        tar.add(HOST_CA, arcname="etc/ssl/certs/ca-certificates.crt")
+    combined = cache / "image.tar"
+    shutil.copy(tarball, combined)
+    with tarfile.open(combined, "a") as tar, tarfile.open(ca_tar) as ca:
+        for member in ca.getmembers():
+            tar.addfile(member, ca.extractfile(member))
+    with open(combined, "rb") as f:
+        engine.docker("import", "-", "python:3.11-slim", stdin=f)
+    combined.unlink()
+
+
+def local_torch_index(directory: Path) -> Path:
+    """A PEP 503 index holding torch==2.13.0 (this machine's CPU wheel) and its dependencies."""
+    wheels = directory / "wheels"
+    run([sys.executable, "-m", "pip", "download", "-q", "torch==2.13.0", "-d", str(wheels)], timeout=900)
+    simple = directory / "simple"
+    for wheel in wheels.iterdir():
+        project = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+        (simple / project).mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheel, simple / project / wheel.name)
+    for project_dir in simple.iterdir():
+        links = "".join(f'<a href="{f.name}">{f.name}</a>\n' for f in project_dir.iterdir() if f.name != "index.html")
+        (project_dir / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{links}</body></html>\n")
+    return simple
