@@ -90,7 +90,14 @@ class EngineCore:
         if r in self.prefilling:
             self.prefilling.remove(r)
         self.running = [s for s in self.running if s.request_id != request_id]
-        self.pool.release([s.slot for s in r.seqs if s.slot >= 0])
+        for seq in r.seqs:
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give a sequence's slot back, exactly once."""
+        if seq.slot >= 0:
+            self.pool.release([seq.slot])
+            seq.slot = -1
 
     def fail_all(self, message: str) -> None:
         for request_id, r in list(self.requests.items()):
@@ -182,7 +189,7 @@ class EngineCore:
         if r.req.params.max_tokens == 0:  # scoring only (echo + logprobs): done after the prompt
             for s in r.seqs:
                 s.finish_reason = "length"
-            self.pool.release(r.slots)
+                self._release(s)
             self._emit(r, [ChoiceDelta(s.index, finish_reason="length") for s in r.seqs])
             return
         logits = r.last_logits.unsqueeze(0).expand(len(r.seqs), -1)  # (n, V)
@@ -224,7 +231,7 @@ class EngineCore:
                     r = self.requests[seq.request_id]
                     row = state.select([i])
                     self.cache.put(r.req.prompt_ids + seq.output_ids[:-1], row, logits[i])
-                self.pool.release([seq.slot])
+                self._release(seq)
             elif seq not in self.running:
                 self.running.append(seq)
         for request_id, deltas in by_request.items():

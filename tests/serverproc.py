@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, *args: str, env: dict | None = None) -> None:
+    def __init__(self, model_dir: Path | None, *args: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [

@@ -1,0 +1,170 @@
+"""Turn a benchmark run into results.md (tables + target check), results.json and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.common import fmt
+
+SYSTEMS = [
+    ("ours", "float32"),
+    ("llama.cpp", "float32"),
+    ("transformers", "float32"),
+    ("ours", "bfloat16"),
+    ("transformers", "bfloat16"),
+]
+
+
+def _med(d: dict, key) -> float | None:
+    return d[key]["median"] if key in d else None
+
+
+def decode_table(r: dict) -> list[str]:
+    batches = r["args"]["batches"]
+    rows = [
+        "| system | dtype | " + " | ".join(f"decode tok/s, batch {b}" for b in batches) + " |",
+        "|---|---|" + "---:|" * len(batches),
+    ]
+    for system, dtype in SYSTEMS:
+        if any((system, dtype, b) in r["decode"] for b in batches):
+            cells = [fmt(r["decode"].get((system, dtype, b))) for b in batches]
+            rows.append(f"| {system} | {dtype} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def prefill_table(r: dict) -> list[str]:
+    lengths = r["args"]["prefill"]
+    rows = [
+        "| system (fp32) | " + " | ".join(f"prefill tok/s, {n} tokens" for n in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    for system in ("ours", "llama.cpp", "transformers"):
+        if any((system, n) in r["prefill"] for n in lengths):
+            rows.append(f"| {system} | " + " | ".join(fmt(r["prefill"].get((system, n))) for n in lengths) + " |")
+    return rows
+
+
+def targets(r: dict) -> list[str]:
+    d, roof = r["decode"], r["roofline"]
+    mem = r["memory"]
+    out = []
+
+    def check(name: str, value: float | None, goal: float, unit: str = "x") -> None:
+        if value is None:
+            out.append(f"| {name} | not measured | {goal}{unit} | - |")
+        else:
+            out.append(f"| {name} | {value:.2f}{unit} | {goal}{unit} | {'met' if value >= goal else 'NOT met'} |")
+
+    ours1, lc1 = _med(d, ("ours", "float32", 1)), _med(d, ("llama.cpp", "float32", 1))
+    check("batch 1 fp32 vs llama.cpp", ours1 / lc1 if ours1 and lc1 else None, 1.5)
+    if ours1:  # bytes the step must read (weights) over the measured read bandwidth
+        check(
+            "batch 1 fp32, share of memory-bandwidth roofline",
+            ours1 * mem["weight_bytes"] / roof["read_bytes_per_s"],
+            0.6,
+            "",
+        )
+    ours8, lc8 = _med(d, ("ours", "float32", 8)), _med(d, ("llama.cpp", "float32", 8))
+    check("batch 8 fp32 vs llama.cpp", ours8 / lc8 if ours8 and lc8 else None, 4)
+    ours32 = _med(d, ("ours", "float32", 32))
+    if ours32:
+        check(
+            "batch 32 fp32, share of compute roofline",
+            ours32 * 2 * mem["weight_bytes"] / 4 / roof["fp32_flops"],
+            0.5,
+            "",
+        )
+    bf1 = _med(d, ("ours", "bfloat16", 1))
+    check("bf16 decode vs our fp32 (batch 1)", bf1 / ours1 if bf1 and ours1 else None, 1.7)
+    lat = r["latency"]
+    far = max(lat, key=int)
+    out.append(
+        f"| latency at position {far} / position 100 | {lat[far] / lat[100]:.3f} | <= 1.1 | "
+        f"{'met' if lat[far] / lat[100] <= 1.1 else 'NOT met'} |"
+    )
+    http = r["server"].get("http_32")
+    if http and r.get("offline_32"):
+        check("HTTP, 32 clients vs offline engine at batch 32", http["tokens_per_s"] / r["offline_32"], 0.85)
+    pre = _med(r["prefill"], ("ours", r["args"]["prefill"][0]))
+    check("prefill per sequence vs decode (batch 1)", pre / ours1 if pre and ours1 else None, 10)
+    return ["| target | measured | goal | |", "|---|---:|---:|---|", *out]
+
+
+def write(r: dict, out_dir: Path) -> None:
+    roof, mem, lat, srv = r["roofline"], r["memory"], r["latency"], r["server"]
+    far = max(lat, key=int)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {r['machine']}. Run {r['date']}, `python bench/run.py`; "
+        f"median of {r['args']['repeats']} runs (min-max). Weights: random HF MambaForCausalLM, hidden 768, "
+        f"24 layers, vocab 50280 (mamba-130m size); llama.cpp runs the GGUF f32 converted from it. Greedy, "
+        f"{r['args']['tokens']} new tokens after a 16-token prompt; batch = concurrent sequences.",
+        "",
+        *decode_table(r),
+        "",
+        *prefill_table(r),
+        "",
+        f"Roofline on this machine: fp32 matmul {roof['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 "
+        f"{roof['bf16_flops'] / 1e9:.0f} GFLOP/s, memory read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s.",
+        "",
+        f"O(1) decode: one step at position 100 takes {lat[100] * 1000:.2f} ms, at position {far} "
+        f"{lat[far] * 1000:.2f} ms (ratio {lat[far] / lat[100]:.3f}).",
+        "",
+        f"Memory: recurrent state {mem['state_bytes'] / 2**20:.2f} MiB per sequence, whatever its length; a "
+        f"same-width transformer's fp32 KV cache would hold {mem['kv_bytes'][4096] / 2**20:.0f} MiB at 4k tokens "
+        f"and {mem['kv_bytes'][32768] / 2**20:.0f} MiB at 32k. Server peak RSS: {srv['rss_1_mb']:.0f} MiB with "
+        f"1 live sequence, {srv['rss_32_mb']:.0f} MiB with 32.",
+        "",
+    ]
+    if srv.get("http_32"):
+        h = srv["http_32"]
+        lines += [
+            f"HTTP: 32 concurrent streaming clients: {h['tokens_per_s']:.1f} tokens/s aggregate, inter-token "
+            f"latency p50 {h['itl_p50_ms']:.1f} ms, p99 {h['itl_p99_ms']:.1f} ms; the offline engine at "
+            f"batch 32: {r['offline_32']:.1f} tokens/s.",
+            "",
+        ]
+    lines += [
+        "Our default model (checkpoints/aetheris-hybrid), decode tokens/s: "
+        + ", ".join(f"batch {b}: {v:.0f}" for b, v in r["default_model"].items())
+        + ".",
+        "",
+        "## Targets",
+        "",
+        *targets(r),
+        "",
+    ]
+    (out_dir / "results.md").write_text("\n".join(lines))
+    serial = {
+        **r,
+        "decode": {" / ".join(map(str, k)): v for k, v in r["decode"].items()},
+        "prefill": {" / ".join(map(str, k)): v for k, v in r["prefill"].items()},
+    }
+    (out_dir / "results.json").write_text(json.dumps(serial, indent=2) + "\n")
+    plot(r, out_dir / "decode.png")
+    print("\n".join(lines))
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = r["args"]["batches"]
+    systems = [s for s in SYSTEMS if any((*s, b) in r["decode"] for b in batches)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(systems)
+    for i, (system, dtype) in enumerate(systems):
+        vals = [_med(r["decode"], (system, dtype, b)) or 0 for b in batches]
+        ax.bar([j + i * width for j in range(len(batches))], vals, width, label=f"{system} {dtype}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.set_title("Decode throughput, mamba-130m-size weights")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

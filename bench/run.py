@@ -1,0 +1,144 @@
+"""One command for the whole benchmark suite: python bench/run.py [--quick]
+
+Ours, transformers and llama.cpp run in turn inside one process on the same random mamba-130m-size weights,
+so their ratios are comparable; each figure is the median of --repeats runs with the spread (min-max).
+Writes bench/results/results.md, results.json and PNG plots. Run it on an idle machine: two torch workloads
+on 2 cores slow each other 5-7x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench import common, ours  # noqa: E402
+from bench import hf as hf_bench  # noqa: E402
+from bench import http as http_bench  # noqa: E402
+from bench.weights import mamba_130m, to_gguf  # noqa: E402
+from model.checkpoint import load_model  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+WORK = ROOT / "bench" / "work"
+DEFAULT_MODEL = ROOT / "checkpoints" / "aetheris-hybrid"
+
+
+def decode_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
+    out: dict = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).split(".")[1]
+        model, tok = load_model(hf_dir, dtype=dtype)
+        ref = hf_bench.load(hf_dir, dtype)
+        for b in args.batches:
+            out[("ours", name, b)] = common.repeat(
+                lambda: ours.decode_tokens_per_s(model, tok, b, args.tokens), args.repeats
+            )
+            out[("transformers", name, b)] = common.repeat(
+                lambda: hf_bench.decode_tokens_per_s(ref, b, args.tokens), args.repeats
+            )
+            if gguf is not None and dtype == torch.float32:
+                from bench import llamacpp
+
+                out[("llama.cpp", name, b)] = common.repeat(
+                    lambda: llamacpp.decode_tokens_per_s(str(gguf), b, args.tokens), args.repeats
+                )
+            print({k: round(v["median"], 1) for k, v in out.items() if k[2] == b and k[1] == name}, flush=True)
+        del model, ref
+    return out
+
+
+def prefill_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
+    out: dict = {}
+    model, _ = load_model(hf_dir)
+    ref = hf_bench.load(hf_dir, torch.float32)
+    for n in args.prefill:
+        out[("ours", n)] = common.repeat(args.repeats, ours.prefill_tokens_per_s, model, n)
+        out[("transformers", n)] = common.repeat(args.repeats, hf_bench.prefill_tokens_per_s, ref, n)
+        if gguf is not None:
+            from bench import llamacpp
+
+            out[("llama.cpp", n)] = common.repeat(args.repeats, llamacpp.prefill_tokens_per_s, str(gguf), n)
+    return out
+
+
+def server_suite(args, hf_dir: Path) -> dict:
+    """Peak RSS with 1 and 32 live sequences, and 32 streaming clients vs the offline engine at batch 32."""
+    from tests.serverproc import ServerProcess
+
+    out = {}
+    s = ServerProcess(hf_dir, "--served-model-name", "bench", "--threads", "2", "--max-batch-size", "32")
+    try:
+        http_bench.stream_clients(s.url, 1, 64)
+        out["rss_1_mb"] = http_bench.peak_rss_mb(s.proc.pid)
+        out["http_32"] = http_bench.stream_clients(s.url, 32, args.tokens)
+        out["rss_32_mb"] = http_bench.peak_rss_mb(s.proc.pid)
+    finally:
+        s.stop()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per sequence in decode runs")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--far", type=int, default=10_000, help="position of the far decode-latency probe")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp (pip install llama-cpp-python)")
+    p.add_argument("--quick", action="store_true", help="1 repeat, 32 tokens, batches 1 and 8, prefill 512")
+    args = p.parse_args()
+    if args.quick:
+        args.repeats, args.tokens, args.batches, args.prefill, args.far = 1, 32, [1, 8], [512], 2000
+    torch.set_num_threads(2)
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    hf_dir = mamba_130m(WORK / "mamba-130m-random", tokenizer_dir=DEFAULT_MODEL)
+    gguf = None
+    if not args.no_llamacpp:
+        try:
+            import llama_cpp  # noqa: F401
+
+            gguf = to_gguf(hf_dir, WORK)
+        except ImportError:
+            print("llama-cpp-python is not installed: llama.cpp columns skipped", flush=True)
+    report = {"machine": common.machine_line(), "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args)}
+    report["roofline"] = {
+        "fp32_flops": common.matmul_flops(torch.float32),
+        "bf16_flops": common.matmul_flops(torch.bfloat16),
+        "read_bytes_per_s": common.read_bandwidth(),
+    }
+    report["decode"] = decode_suite(args, hf_dir, gguf)
+    report["prefill"] = prefill_suite(args, hf_dir, gguf)
+    model, tok = load_model(hf_dir)
+    report["latency"] = {pos: ours.decode_latency_at(model, pos) for pos in (100, args.far)}
+    report["memory"] = memory_figures(model)
+    report["offline_32"] = ours.decode_tokens_per_s(model, tok, 32, args.tokens) if 32 in args.batches else None
+    report["default_model"] = {
+        b: ours.decode_tokens_per_s(*load_model(DEFAULT_MODEL), b, args.tokens) for b in args.batches
+    }
+    del model
+    report["server"] = server_suite(args, hf_dir)
+    from bench.report import write
+
+    write(report, RESULTS)
+
+
+def memory_figures(model) -> dict:
+    cfg = model.config
+    state = model.empty_state(1).bytes_per_sequence()
+    kv = {n: 2 * cfg.n_layers * cfg.d_model * n * 4 for n in (4096, 32768)}  # K and V, fp32, same width
+    return {
+        "state_bytes": state,
+        "kv_bytes": kv,
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+
+
+if __name__ == "__main__":
+    main()

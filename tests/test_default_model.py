@@ -1,0 +1,66 @@
+"""The embedded default model: `python -m server` with no options serves it as aetheris-hybrid, and
+`aetheris generate` writes text with it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+
+from model.checkpoint import load_model
+from tests.serverproc import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "checkpoints" / "aetheris-hybrid"
+
+
+def test_checkpoint_is_small_and_documented():
+    size = sum(f.stat().st_size for f in DEFAULT.iterdir())
+    assert size <= 40 * 2**20
+    card = (DEFAULT / "README.md").read_text()
+    assert "aetheris train --config configs/aetheris-hybrid.yaml" in card and "CDLA-Sharing-1.0" in card
+    model, tok = load_model(DEFAULT)
+    assert len(model.moe_layers()) >= 1 and tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_generate_cli_writes_a_story():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aetheris.cli",
+            "generate",
+            "--prompt",
+            "Once upon a time",
+            "--max_tokens",
+            "40",
+            "--temperature",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    words = re.findall(r"[A-Za-z]+", r.stdout)
+    assert len(words) >= 10, r.stdout
+
+
+def test_server_defaults_to_the_embedded_model():
+    s = ServerProcess(None)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["aetheris-hybrid"]
+        r = client.chat.completions.create(
+            model="aetheris-hybrid",
+            max_tokens=60,
+            temperature=0,
+            messages=[{"role": "user", "content": "Tell me a story about Lily."}],
+        )
+        assert len(re.findall(r"[A-Za-z]+", r.choices[0].message.content)) >= 10
+    finally:
+        s.stop()
