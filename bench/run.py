@@ -31,25 +31,19 @@ DEFAULT_MODEL = ROOT / "checkpoints" / "aetheris-hybrid"
 
 def decode_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
     out: dict = {}
+    n = args.repeats
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[1]
         model, tok = load_model(hf_dir, dtype=dtype)
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
-            out[("ours", name, b)] = common.repeat(
-                lambda: ours.decode_tokens_per_s(model, tok, b, args.tokens), args.repeats
-            )
-            out[("transformers", name, b)] = common.repeat(
-                lambda: hf_bench.decode_tokens_per_s(ref, b, args.tokens), args.repeats
-            )
+            out[("ours", name, b)] = common.repeat(n, ours.decode_tokens_per_s, model, tok, b, args.tokens)
+            out[("transformers", name, b)] = common.repeat(n, hf_bench.decode_tokens_per_s, ref, b, args.tokens)
             if gguf is not None and dtype == torch.float32:
                 from bench import llamacpp
 
-                out[("llama.cpp", name, b)] = common.repeat(
-                    lambda: llamacpp.decode_tokens_per_s(str(gguf), b, args.tokens), args.repeats
-                )
+                out[("llama.cpp", name, b)] = common.repeat(n, llamacpp.decode_tokens_per_s, str(gguf), b, args.tokens)
             print({k: round(v["median"], 1) for k, v in out.items() if k[2] == b and k[1] == name}, flush=True)
-        del model, ref
     return out
 
 
@@ -57,13 +51,13 @@ def prefill_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
     out: dict = {}
     model, _ = load_model(hf_dir)
     ref = hf_bench.load(hf_dir, torch.float32)
-    for n in args.prefill:
-        out[("ours", n)] = common.repeat(args.repeats, ours.prefill_tokens_per_s, model, n)
-        out[("transformers", n)] = common.repeat(args.repeats, hf_bench.prefill_tokens_per_s, ref, n)
+    for length in args.prefill:
+        out[("ours", length)] = common.repeat(args.repeats, ours.prefill_tokens_per_s, model, length)
+        out[("transformers", length)] = common.repeat(args.repeats, hf_bench.prefill_tokens_per_s, ref, length)
         if gguf is not None:
             from bench import llamacpp
 
-            out[("llama.cpp", n)] = common.repeat(args.repeats, llamacpp.prefill_tokens_per_s, str(gguf), n)
+            out[("llama.cpp", length)] = common.repeat(args.repeats, llamacpp.prefill_tokens_per_s, str(gguf), length)
     return out
 
 
