@@ -172,15 +172,18 @@ class HybridLM(nn.Module):
         return self._logits(h if all_logits else h[:, -1]), state
 
     @torch.inference_mode()
-    def decode(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """tokens (B,) one per sequence -> logits (B, V) and the new state."""
+    def decode(self, tokens: Tensor, state: ModelState, out: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        """tokens (B,) one per sequence -> logits (B, V) and the new state.
+
+        The new state is written into `out` when given (it may be `state` itself: each layer reads its rows
+        before writing them), else into fresh tensors. `state` is never modified unless it is `out`."""
+        out = out or ModelState(torch.empty_like(state.conv), torch.empty_like(state.ssm))
         h = self._embed(tokens)  # (B, D)
-        convs, ssms = [], []
         for i, block in enumerate(self.layers):
             h, conv, ssm = block.step(h, state.conv[i], state.ssm[i])
-            convs.append(conv)
-            ssms.append(ssm)
-        return self._logits(h), ModelState(torch.stack(convs), torch.stack(ssms))
+            out.conv[i].copy_(conv)
+            out.ssm[i].copy_(ssm)
+        return self._logits(h), out
 
     # ---------------------------------------------------------------- introspection
     def moe_layers(self) -> dict[int, MoE]:

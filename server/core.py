@@ -3,12 +3,13 @@
 Glossary: B running sequences in a decode step, V vocab size, S slots.
 
 Each `step()`:
-  1. admits waiting requests into free slots (a request with n choices needs n slots), restoring the longest
-     cached snapshot of its prompt prefix if there is one;
+  1. admits waiting requests while slots remain (a request with n choices needs n), starting each from the
+     longest cached snapshot of its prompt prefix if there is one;
   2. prefills prompts chunk by chunk under a per-iteration token budget, so a long prompt delays running
-     streams by at most one chunk; when a prompt is complete its state is snapshotted, forked into the
-     request's other slots (n > 1) and the first tokens are sampled;
-  3. runs ONE batched decode step for every running sequence (continuous batching) and samples.
+     streams by at most one chunk; when a prompt is complete its state is snapshotted, forked into n pool
+     rows and the first tokens are sampled;
+  3. runs ONE batched decode step over every running sequence (continuous batching), in place on the pool's
+     running rows, and samples.
 A request's computed-token count chases its prompt length (vLLM's framing); there are no phases to switch.
 The core is synchronous and single-threaded; server/engine.py runs it in a thread and carries requests in
 and outputs out. Outputs leave through each request's `emit` callback.
@@ -48,15 +49,12 @@ class _Request:
     emit: Emit
     arrival: float
     seqs: list[Sequence] = field(default_factory=list)
-    computed: int = 0  # prompt tokens already folded into the state of seqs[0].slot
+    state: ModelState | None = None  # (one row) the prompt so far, while prefilling
+    computed: int = 0  # prompt tokens already folded into `state`
     cached: int = 0  # of which restored from a snapshot
     last_logits: Tensor | None = None  # (V,) after the last computed prompt token
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     first_token_at: float | None = None
-
-    @property
-    def slots(self) -> list[int]:
-        return [s.slot for s in self.seqs]
 
 
 class EngineCore:
@@ -68,11 +66,15 @@ class EngineCore:
         self.metrics = metrics
         self.waiting: deque[_Request] = deque()
         self.prefilling: list[_Request] = []
-        self.running: list[Sequence] = []
         self.requests: dict[str, _Request] = {}
         self.stop_ids = set(tokenizer.stop_token_ids)
         # Rows past the tokenizer's vocabulary (mamba_ssm pads 50277 -> 50280) are never sampled (pitfall 10).
         self.vocab = min(model.config.vocab_size, tokenizer.vocab_size)
+
+    @property
+    def running(self) -> list[Sequence]:
+        """Decoding sequences, in pool row order."""
+        return self.pool.rows
 
     # ---------------------------------------------------------------- requests in / out
     def add(self, req: GenerationRequest, emit: Emit) -> None:
@@ -89,15 +91,13 @@ class EngineCore:
             self.waiting.remove(r)
         if r in self.prefilling:
             self.prefilling.remove(r)
-        self.running = [s for s in self.running if s.request_id != request_id]
         for seq in r.seqs:
             self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """Give a sequence's slot back, exactly once."""
+        """Give a sequence's pool row back, exactly once."""
         if seq.slot >= 0:
-            self.pool.release([seq.slot])
-            seq.slot = -1
+            self.pool.remove(seq)
 
     def fail_all(self, message: str) -> None:
         for request_id, r in list(self.requests.items()):
@@ -118,23 +118,22 @@ class EngineCore:
             self.metrics.observe_core(self)
 
     def _admit(self) -> None:
+        reserved = sum(r.req.params.n for r in self.prefilling)
         while self.waiting:
             r = self.waiting[0]
-            slots = self.pool.allocate(r.req.params.n)
-            if slots is None:
+            p = r.req.params
+            if self.pool.used + reserved + p.n > self.pool.size:
                 return
             self.waiting.popleft()
-            p = r.req.params
+            reserved += p.n
             r.seqs = [Sequence.create(r.req.request_id, i, p, self.tokenizer, self.stop_ids) for i in range(p.n)]
-            for seq, slot in zip(r.seqs, slots):
-                seq.slot = slot
             snap = None if p.prompt_logprobs else self.cache.lookup(r.req.prompt_ids)
             if snap is not None:
-                self.pool.write(slots[:1], snap.state)
+                r.state = snap.state
                 r.computed = r.cached = len(snap.tokens)
                 r.last_logits = snap.last_logits
             else:
-                self.pool.zero(slots[:1])
+                r.state = self.model.empty_state(1, self.device)
             if self.metrics is not None:
                 self.metrics.observe_cache(snap is not None, r.cached)
             self.prefilling.append(r)
@@ -154,11 +153,9 @@ class EngineCore:
                 self._start_decoding(r)
 
     def _prefill_chunk(self, r: _Request, chunk: list[int]) -> None:
-        slot = r.seqs[0].slot
         tokens = torch.tensor([chunk], device=self.device)  # (1, n)
         want_all = r.req.params.prompt_logprobs
-        logits, state = self.model.prefill(tokens, self.pool.read([slot]), all_logits=want_all)
-        self.pool.write([slot], state)
+        logits, r.state = self.model.prefill(tokens, r.state, all_logits=want_all)
         if want_all:  # logprob of each prompt token given the tokens before it
             logits = logits[0, :, : self.vocab]  # (n, V)
             if r.last_logits is None:  # the first prompt token has no logprob
@@ -176,66 +173,62 @@ class EngineCore:
             self.metrics.prompt_tokens.inc(len(chunk))
 
     def _start_decoding(self, r: _Request) -> None:
-        """The prompt is in the state: snapshot it, fork it to the other choices, sample first tokens."""
-        first = r.seqs[0].slot
-        state = self.pool.read([first])
+        """The prompt is in the state: snapshot it, fork it into n pool rows, sample the first tokens."""
         if r.cached < len(r.req.prompt_ids):
-            self.cache.put(r.req.prompt_ids, state, r.last_logits)
-        if len(r.seqs) > 1:
-            n = len(r.seqs) - 1
-            self.pool.write(r.slots[1:], ModelState(state.conv.expand(-1, n, -1, -1), state.ssm.expand(-1, n, -1, -1)))
+            self.cache.put(r.req.prompt_ids, r.state, r.last_logits)
         if r.req.params.prompt_logprobs:
             r.emit(RequestOutput(r.req.request_id, prompt_logprobs=r.prompt_logprobs))
         if r.req.params.max_tokens == 0:  # scoring only (echo + logprobs): done after the prompt
             for s in r.seqs:
                 s.finish_reason = "length"
-                self._release(s)
             self._emit(r, [ChoiceDelta(s.index, finish_reason="length") for s in r.seqs])
             return
+        self.pool.add(r.seqs, r.state)
+        r.state = None
         logits = r.last_logits.unsqueeze(0).expand(len(r.seqs), -1)  # (n, V)
-        self._sample_and_emit(r.seqs, logits)
+        self._sample_and_emit(list(r.seqs), logits)
 
     def _decode(self) -> None:
-        seqs = self.running
-        slots = [s.slot for s in seqs]
+        seqs = list(self.running)  # row order
         tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)  # (B,)
         t0 = time.perf_counter()
-        logits, state = self.model.decode(tokens, self.pool.read(slots))  # (B, V)
-        self.pool.write(slots, state)
+        rows = self.pool.view()
+        logits, _ = self.model.decode(tokens, rows, out=rows)  # (B, V); the pool rows now hold the new state
         if self.metrics is not None:
             self.metrics.observe_decode(len(seqs), time.perf_counter() - t0)
-        self._sample_and_emit(list(seqs), logits, state)
+        self._sample_and_emit(seqs, logits, from_decode=True)
 
     # ---------------------------------------------------------------- sampling and outputs
-    def _sample_and_emit(self, seqs: list[Sequence], logits: Tensor, state: ModelState | None = None) -> None:
+    def _sample_and_emit(self, seqs: list[Sequence], logits: Tensor, from_decode: bool = False) -> None:
+        """Sample one token per sequence (seqs[i] <-> logits[i]), emit the deltas, retire finished sequences."""
         logits = logits[:, : self.vocab].float()  # (B, V)
         batch = self._sampling_batch(seqs, logits)
         chosen = sample(apply_penalties(logits, batch), batch).tolist()
-        want_lp = [s.params.logprobs is not None for s in seqs]
-        lps: list[TokenLogprob | None] = [None] * len(seqs)
-        if any(want_lp):
-            rows = [i for i, w in enumerate(want_lp) if w]
+        lps = self._chosen_logprobs(seqs, logits, chosen)
+        by_request: dict[str, list[ChoiceDelta]] = {}
+        finished = []
+        for i, (seq, tok) in enumerate(zip(seqs, chosen)):
+            by_request.setdefault(seq.request_id, []).append(seq.append(tok, lps[i]))
+            if seq.finished:
+                finished.append((i, seq))
+        for i, seq in finished:
+            if from_decode:  # its row summarises prompt + all outputs but the last: keep it for the next turn
+                r = self.requests[seq.request_id]
+                self.cache.put(r.req.prompt_ids + seq.output_ids[:-1], self.pool.row(seq.slot), logits[i])
+            self._release(seq)
+        for request_id, deltas in by_request.items():
+            self._emit(self.requests[request_id], deltas)
+
+    def _chosen_logprobs(self, seqs: list[Sequence], logits: Tensor, chosen: list[int]) -> list:
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        if rows:
             k = max(seqs[i].params.logprobs for i in rows)
             got = _logprobs(logits[rows], torch.tensor([chosen[i] for i in rows], device=logits.device), k)
             for i, lp in zip(rows, got):
                 lp.top = lp.top[: seqs[i].params.logprobs]
-                lps[i] = lp
-        by_request: dict[str, list[ChoiceDelta]] = {}
-        for i, (seq, tok) in enumerate(zip(seqs, chosen)):
-            delta = seq.append(tok, lps[i])
-            by_request.setdefault(seq.request_id, []).append(delta)
-            if seq.finished:
-                if seq in self.running:
-                    self.running.remove(seq)
-                if state is not None:  # the state now summarises prompt + all outputs but the last
-                    r = self.requests[seq.request_id]
-                    row = state.select([i])
-                    self.cache.put(r.req.prompt_ids + seq.output_ids[:-1], row, logits[i])
-                self._release(seq)
-            elif seq not in self.running:
-                self.running.append(seq)
-        for request_id, deltas in by_request.items():
-            self._emit(self.requests[request_id], deltas)
+                out[i] = lp
+        return out
 
     def _sampling_batch(self, seqs: list[Sequence], logits: Tensor) -> SamplingBatch:
         dev = logits.device

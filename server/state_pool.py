@@ -2,8 +2,8 @@
 
 Glossary: S slots, nL layers, Di d_inner, K d_conv, N d_state, B a batch of slot ids.
 
-StatePool  one preallocated ModelState with S rows (conv (nL, S, Di, K), ssm (nL, S, Di, N)); a sequence
-           owns a slot while it runs. Every write to the pool goes through `write`.
+StatePool  one preallocated ModelState with S rows (conv (nL, S, Di, K), ssm (nL, S, Di, N)); a running
+           sequence owns a row. Rows change only through `add`, `remove` and the decode step's in-place write.
 PrefixCache  snapshots of single rows, keyed by the exact token prefix they summarise, in an LRU bounded
            by bytes. A prompt that extends a cached prefix restores the snapshot and prefills only the rest:
            a recurrent state cannot be truncated, so we keep states at the ends of prompts and of finished
@@ -23,37 +23,50 @@ from model import HybridLM, ModelState
 
 
 class StatePool:
+    """S preallocated rows of state. The n running sequences always occupy rows [0, n): a decode step works on a
+    view of the pool and writes the new state back in place, with no gather or scatter. When a sequence
+    leaves, the last row moves into its place (one row copied, once per sequence)."""
+
     def __init__(self, model: HybridLM, slots: int, device: torch.device) -> None:
         self.state = model.empty_state(slots, device)
-        self.free: list[int] = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.size = slots
+        self.rows: list = []  # the sequence in each occupied row, in row order
 
     @property
     def used(self) -> int:
-        return self.size - len(self.free)
+        return len(self.rows)
 
-    def allocate(self, n: int = 1) -> list[int] | None:
-        if len(self.free) < n:
-            return None
-        return [self.free.pop() for _ in range(n)]
+    def view(self) -> ModelState:
+        """The running rows [0, n), as a view: what decode reads and writes."""
+        n = len(self.rows)
+        return ModelState(self.state.conv[:, :n], self.state.ssm[:, :n])
 
-    def release(self, slots: list[int]) -> None:
-        self.free.extend(slots)
+    def row(self, slot: int) -> ModelState:
+        """A copy of one row (B = 1)."""
+        return ModelState(self.state.conv[:, slot : slot + 1].clone(), self.state.ssm[:, slot : slot + 1].clone())
 
-    def read(self, slots: list[int]) -> ModelState:
-        """A gathered copy of the rows `slots` (B = len(slots))."""
-        return self.state.select(slots)
+    def add(self, seqs: list, state: ModelState) -> None:
+        """Append sequences as new rows, each starting from the one-row `state` (n > 1 forks it)."""
+        start, k = len(self.rows), len(seqs)
+        if start + k > self.size:
+            raise RuntimeError(f"state pool full: {start} + {k} > {self.size} rows")
+        self.state.conv[:, start : start + k] = state.conv.to(self.state.conv.dtype)  # broadcasts over rows
+        self.state.ssm[:, start : start + k] = state.ssm
+        for i, seq in enumerate(seqs):
+            seq.slot = start + i
+            self.rows.append(seq)
 
-    def write(self, slots: list[int], state: ModelState) -> None:
-        """The one place the pool is written: rows `slots` <- state's rows."""
-        idx = torch.as_tensor(slots, device=self.state.conv.device)
-        self.state.conv.index_copy_(1, idx, state.conv.to(self.state.conv.dtype))
-        self.state.ssm.index_copy_(1, idx, state.ssm)
-
-    def zero(self, slots: list[int]) -> None:
-        idx = torch.as_tensor(slots, device=self.state.conv.device)
-        self.state.conv.index_fill_(1, idx, 0)
-        self.state.ssm.index_fill_(1, idx, 0)
+    def remove(self, seq) -> None:
+        """Free a sequence's row, moving the last row into it to keep [0, n) dense."""
+        slot, last = seq.slot, len(self.rows) - 1
+        if slot != last:
+            self.state.conv[:, slot] = self.state.conv[:, last]
+            self.state.ssm[:, slot] = self.state.ssm[:, last]
+            moved = self.rows[last]
+            moved.slot = slot
+            self.rows[slot] = moved
+        self.rows.pop()
+        seq.slot = -1
 
 
 def prefix_hashes(tokens: list[int]) -> list[int]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import HybridLM, LayerSpec, ModelConfig, preset
+from model import HybridLM, LayerSpec, ModelConfig, ModelState, preset
 
 LAYOUTS = {
     "mamba": dict(layers=[LayerSpec("mamba", None)] * 3),
@@ -152,3 +152,13 @@ def test_presets_build():
     assert paper.d_model == 512 and len(paper.moe_layers) == 8 and paper.n_experts == 32 and paper.d_ff == 1536
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("nope")
+
+
+def test_decode_in_place_equals_fresh_state():
+    model = tiny("moe-mamba")
+    _, state = model.prefill(torch.randint(0, 97, (3, 6)), model.empty_state(3))
+    tokens = torch.randint(0, 97, (3,))
+    fresh_logits, fresh = model.decode(tokens, ModelState(state.conv.clone(), state.ssm.clone()))
+    logits, same = model.decode(tokens, state, out=state)
+    assert same is state and torch.equal(logits, fresh_logits)
+    assert torch.equal(state.conv, fresh.conv) and torch.equal(state.ssm, fresh.ssm)

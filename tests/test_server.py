@@ -352,3 +352,38 @@ def test_auth_and_cors(small_server):
         },
     )
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://example.com"
+
+
+def test_completions_streaming_with_echo_and_usage(client, reference):
+    model, tok = reference
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=8,
+            temperature=0,
+            echo=True,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "text_completion" for c in chunks)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == "Once upon a time" + greedy(reference, tok.encode("Once upon a time"), 8)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_logit_bias_and_penalties_change_sampling(client, reference):
+    tok = reference[1]
+    forced = tok.encode(" cat")[0]
+    r = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert r.choices[0].text == tok.decode([forced] * 5)
+    # A strong frequency penalty forbids repeating the forced token: the greedy text changes after it.
+    p = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logit_bias={str(forced): 5}, frequency_penalty=2.0
+    )
+    q = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logit_bias={str(forced): 5})
+    assert p.choices[0].text != q.choices[0].text
