@@ -42,10 +42,14 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()))
-        self._template = ImmutableSandboxedEnvironment(trim_blocks=False).from_string(self.chat_template)
+        env = ImmutableSandboxedEnvironment(trim_blocks=False)
+        env.globals["raise_exception"] = _raise_template_error  # HF chat templates call it on bad input
+        self._template = env.from_string(self.chat_template)
         # Tokens that end a generation: EOS and the end-of-turn marker of the chat template, if known.
-        stops = [self.eos_token, "<|end|>", *self.config.get("stop_tokens", [])]
+        # The role markers stop too: a model that skips <|end|> must not write the next turn itself.
+        stops = [self.eos_token, "<|end|>", "<|user|>", "<|system|>", *self.config.get("stop_tokens", [])]
         self.stop_token_ids = sorted({i for t in stops if (i := self.token_to_id(t)) is not None})
+        self._byte_level = _is_byte_level(self.tokenizer)
         added = self.tokenizer.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
 
@@ -70,6 +74,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes of one token (a byte-level BPE token may be part of a UTF-8 character)."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id not in self.special_ids and all(c in _BYTE_OF for c in piece) and self._byte_level:
+            return bytes(_BYTE_OF[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
@@ -92,6 +105,34 @@ class Tokenizer:
         """Render the template, then encode it without adding special tokens again (the template has them)."""
         text = self.apply_chat_template(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
+
+
+def _raise_template_error(message: str):
+    raise ValueError(f"chat template: {message}")
+
+
+def _gpt2_byte_map() -> dict[str, int]:
+    """GPT-2's reversible byte <-> printable-character map used by byte-level BPE vocabularies."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _gpt2_byte_map()
+
+
+def _is_byte_level(tok: HFTokenizer) -> bool:
+    import json as _json
+
+    decoder = _json.loads(tok.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) or []]
+    return "ByteLevel" in kinds
 
 
 class IncrementalDetokenizer:

@@ -6,6 +6,7 @@ The model loads in a background thread after the server starts listening, so /he
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import threading
 import uuid
@@ -17,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.checkpoint import load_model
 
@@ -98,7 +100,7 @@ class _BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
+                raise _TooLarge()
             return message
 
         try:
@@ -112,8 +114,11 @@ class _BodyLimit:
         await response(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """Raised from inside body reading; FastAPI re-raises HTTPExceptions unchanged (413, not a parse 400)."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
 
 
 def create_app(settings: Settings, serving: Serving | None = None) -> FastAPI:
@@ -172,7 +177,7 @@ def create_app(settings: Settings, serving: Serving | None = None) -> FastAPI:
             return
         auth = request.headers.get("authorization", "")
         scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() != settings.api_key:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
             raise APIError(
                 401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
             )

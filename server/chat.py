@@ -42,8 +42,7 @@ def usage_info(u: Usage) -> UsageInfo:
 
 def _chat_logprobs(serving: Serving, lps: list[TokenLogprob]) -> ChoiceLogprobs:
     def top(tok: int, lp: float) -> TopLogprob:
-        text = serving.token_text(tok)
-        return TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
+        return TopLogprob(token=serving.token_text(tok), logprob=lp, bytes=list(serving.tokenizer.token_bytes(tok)))
 
     return ChoiceLogprobs(
         content=[
@@ -58,7 +57,10 @@ def build_request(serving: Serving, body: ChatCompletionRequest) -> GenerationRe
     if (bad := body.unsupported()) is not None:
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    prompt = serving.tokenizer.encode_chat(messages)
+    try:
+        prompt = serving.tokenizer.encode_chat(messages)
+    except Exception as e:  # the checkpoint's chat template refused these messages
+        raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = SamplingParams(
         max_tokens=serving.settings.default_max_tokens if max_tokens is None else max_tokens,
@@ -81,10 +83,11 @@ async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, 
     req = build_request(serving, body)
     serving.log_request(req, body.messages)
     outputs = await serving.start(req)  # raises 503 before any byte is sent when overloaded
+    abort = lambda: serving.engine.abort(req.request_id)  # noqa: E731
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(req, body, outputs, serving, include_usage))
-    return await until_disconnect(request, _collect(req, body, outputs, serving))
+        return sse_response(_stream(req, body, outputs, serving, include_usage), abort)
+    return await until_disconnect(request, _collect(req, body, outputs, serving), abort)
 
 
 async def _collect(req: GenerationRequest, body: ChatCompletionRequest, outputs: AsyncIterator, serving: Serving):

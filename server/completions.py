@@ -88,11 +88,16 @@ async def create_completion(serving: Serving, body: CompletionRequest, request: 
     reqs = build_requests(serving, body)
     for _, req in reqs:
         serving.log_request(req)
-    streams = [await serving.start(req) for _, req in reqs]
+    streams = await serving.start_all([req for _, req in reqs])
+
+    def abort() -> None:
+        for _, req in reqs:
+            serving.engine.abort(req.request_id)
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(serving, body, reqs, streams, include_usage))
-    return await until_disconnect(request, _collect(serving, body, reqs, streams))
+        return sse_response(_stream(serving, body, reqs, streams, include_usage), abort)
+    return await until_disconnect(request, _collect(serving, body, reqs, streams), abort)
 
 
 async def _collect(serving: Serving, body: CompletionRequest, reqs, streams: list[AsyncIterator]) -> Completion:

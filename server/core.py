@@ -125,8 +125,13 @@ class EngineCore:
             if self.pool.used + reserved + p.n > self.pool.size:
                 return
             self.waiting.popleft()
+            try:
+                r.seqs = [Sequence.create(r.req.request_id, i, p, self.tokenizer, self.stop_ids) for i in range(p.n)]
+            except (ValueError, RuntimeError, OverflowError) as e:  # this request's parameters, not the engine
+                self.requests.pop(r.req.request_id, None)
+                r.emit(RequestOutput(r.req.request_id, finished=True, error=f"invalid request: {e}"))
+                continue
             reserved += p.n
-            r.seqs = [Sequence.create(r.req.request_id, i, p, self.tokenizer, self.stop_ids) for i in range(p.n)]
             snap = None if p.prompt_logprobs else self.cache.lookup(r.req.prompt_ids)
             if snap is not None:
                 r.state = snap.state
@@ -235,7 +240,7 @@ class EngineCore:
         ps = [s.params for s in seqs]
         batch = SamplingBatch(
             temperature=torch.tensor([p.temperature for p in ps], device=dev),
-            top_k=torch.tensor([p.top_k for p in ps], device=dev),
+            top_k=torch.tensor([min(p.top_k, self.vocab) for p in ps], device=dev),
             top_p=torch.tensor([p.top_p for p in ps], device=dev),
             generators=[s.generator for s in seqs],
         )

@@ -51,17 +51,24 @@ class Engine:
 
     def num_waiting(self) -> int:
         with self._lock:
-            return self._queued + len(self.core.waiting)
+            return self.num_waiting_locked()
+
+    def num_waiting_locked(self) -> int:
+        """Requests that will not find a free slot at the next iteration (the ones the queue bound is for)."""
+        free = self.core.pool.size - self.core.pool.used - sum(r.req.params.n for r in list(self.core.prefilling))
+        return max(0, self._queued + len(self.core.waiting) - max(0, free))
 
     # ---------------------------------------------------------------- requests
     def submit(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Queue a request (EngineOverloaded past max_queue) and return the iterator of its outputs.
 
         Call from the event loop; iterate the result to the end or close it (aclose) to abort the request."""
+        if not self.alive:
+            raise EngineError("the engine has stopped; see the server log")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._lock:
-            if self._queued + len(self.core.waiting) >= self.max_queue:
+            if self.num_waiting_locked() >= self.max_queue:
                 raise EngineOverloaded(f"the server is busy: {self.max_queue} requests are already waiting")
             self._queued += 1
         self._inbox.put(("add", req, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
@@ -87,13 +94,13 @@ class Engine:
     # ---------------------------------------------------------------- the scheduler thread
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not self.core.has_work())
-            if self.core.has_work():
-                try:
+            try:
+                self._drain(block=not self.core.has_work())
+                if self.core.has_work():
                     self.core.step()
-                except Exception as e:  # keep serving: fail what was in flight, not the process
-                    log.exception("engine step failed")
-                    self.core.fail_all(f"internal error in the engine: {type(e).__name__}")
+            except Exception as e:  # keep serving: fail what was in flight, not the process
+                log.exception("engine iteration failed")
+                self.core.fail_all(f"internal error in the engine: {type(e).__name__}")
 
     def _drain(self, block: bool) -> None:
         try:

@@ -71,13 +71,21 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        code = None
         if exc.status_code == 400 and "parsing the body" in detail:
             detail = "the request body is not valid UTF-8 JSON"
-        return error_response(exc.status_code, detail, code=None, headers=getattr(exc, "headers", None))
+        elif exc.status_code == 413:
+            code = "request_too_large"
+        return error_response(exc.status_code, detail, code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(EngineOverloaded)
     async def _overloaded(request: Request, exc: EngineOverloaded):
         return error_response(503, str(exc), code="server_overloaded", headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, f"internal server error: {type(exc).__name__}", code="internal_error")
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError):

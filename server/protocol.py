@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
 MAX_N = 16
 
 
@@ -29,6 +30,8 @@ def _stop_list(v: str | list[str] | None) -> list[str]:
         raise ValueError(f"at most {MAX_STOP} stop sequences")
     if any(s == "" for s in stops):
         raise ValueError("stop sequences must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
     return stops
 
 
@@ -43,7 +46,7 @@ class SamplingFields(OpenAIModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

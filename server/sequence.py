@@ -46,7 +46,7 @@ class Sequence:
     ) -> Sequence:
         gen = None
         if params.seed is not None:
-            gen = torch.Generator().manual_seed(params.seed + index)
+            gen = torch.Generator().manual_seed((params.seed + index) % 2**64)
         return cls(
             request_id, index, params, set() if params.ignore_eos else stop_ids, IncrementalDetokenizer(tokenizer), gen
         )

@@ -31,6 +31,15 @@ class Serving:
                 "model_not_found",
             )
 
+    def check_n(self, n: int) -> None:
+        if n > self.settings.max_batch_size:
+            raise APIError(
+                400,
+                f"n={n} exceeds this server's --max-batch-size ({self.settings.max_batch_size})",
+                "n",
+                "invalid_value",
+            )
+
     def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
         out = {}
         for key, value in (bias or {}).items():
@@ -59,7 +68,20 @@ class Serving:
         """Submit to the engine; overload raises here, before a response has started."""
         if not req.prompt_ids:
             raise APIError(400, "the prompt is empty after tokenisation", "prompt", "invalid_value")
+        self.check_n(req.params.n)
         return self.engine.submit(req)
+
+    async def start_all(self, reqs: list[GenerationRequest]) -> list[AsyncIterator[RequestOutput]]:
+        """Submit several requests; if one is refused, abort the ones already submitted."""
+        streams = []
+        try:
+            for req in reqs:
+                streams.append(await self.start(req))
+        except BaseException:
+            for req in reqs[: len(streams)]:
+                self.engine.abort(req.request_id)
+            raise
+        return streams
 
     def log_request(self, req: GenerationRequest, content=None) -> None:
         p = req.params

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
@@ -29,8 +29,10 @@ def _event(data: str) -> ServerSentEvent:
     return ServerSentEvent(data=data, sep="\n")
 
 
-def sse_response(events: AsyncIterator[dict]) -> EventSourceResponse:
-    """Stream JSON chunks; close with [DONE], turning a failure into an error event first."""
+def sse_response(events: AsyncIterator[dict], abort: Callable[[], None]) -> EventSourceResponse:
+    """Stream JSON chunks; close with [DONE], turning a failure into an error event first. However the stream
+    ends (finished, failed, client gone), `abort` runs: a no-op for finished requests, and the only way to
+    stop requests whose output iterator never started (a disconnect during the first chunks)."""
 
     async def frames():
         try:
@@ -41,6 +43,10 @@ def sse_response(events: AsyncIterator[dict]) -> EventSourceResponse:
         except Exception:
             log.exception("stream failed")
             yield _event(json.dumps(error_body(500, "internal error while streaming")))
+        finally:
+            abort()
+            with contextlib.suppress(Exception):
+                await events.aclose()
         yield _event("[DONE]")
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -53,9 +59,9 @@ def sse_response(events: AsyncIterator[dict]) -> EventSourceResponse:
     )
 
 
-async def until_disconnect(request: Request, work: Awaitable[T], poll: float = 0.25) -> T:
-    """Run `work` (a non-streaming completion), cancelling it if the client goes away: cancellation
-    closes the engine's output iterator, which aborts the request and frees its slots."""
+async def until_disconnect(request: Request, work: Awaitable[T], abort: Callable[[], None], poll: float = 0.25) -> T:
+    """Run `work` (a non-streaming completion); if the client goes away, cancel it and abort its requests,
+    which frees their slots."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -64,12 +70,14 @@ async def until_disconnect(request: Request, work: Awaitable[T], poll: float = 0
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
+                abort()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
                 raise asyncio.CancelledError("client disconnected")
     finally:
         if not task.done():
             task.cancel()
+            abort()
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

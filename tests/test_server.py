@@ -253,6 +253,9 @@ BAD_BODIES = [
         400,
     ),
     (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(), 404),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": 2**64}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 25}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": "s" * 300}).encode(), 400),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"a" * (9 << 20) + b'"}]}', 413),
 ]
@@ -387,3 +390,38 @@ def test_logit_bias_and_penalties_change_sampling(client, reference):
     )
     q = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logit_bias={str(forced): 5})
     assert p.choices[0].text != q.choices[0].text
+
+
+def test_extreme_but_valid_values_do_not_disturb_others(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        seed=2**64 - 1,
+        top_p=0.5,
+        temperature=1.5,
+        extra_body={"top_k": 2**62},
+    )
+    assert r.usage.completion_tokens >= 1
+
+
+def test_streamed_oversized_body_gets_413(server):
+    def chunks():
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"a" * (1 << 20)
+        yield b'"}]}'
+
+    r = httpx.post(
+        server.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=30
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_n_larger_than_the_pool_is_refused(small_server):
+    r = httpx.post(
+        small_server.url + "/v1/chat/completions",
+        headers={"Authorization": "Bearer sekret"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3, "max_tokens": 2},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"

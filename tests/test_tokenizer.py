@@ -36,7 +36,25 @@ def test_chat_template_and_stop_tokens(tmp_path):
     assert text == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
     ids = tok.encode_chat(messages)
     assert ids[0] == tok.token_to_id("<|system|>") and tok.decode(ids, skip_special_tokens=False) == text
-    assert set(tok.stop_token_ids) == {tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|end|>")}
+    stops = {tok.token_to_id(t) for t in ("<|endoftext|>", "<|end|>", "<|user|>", "<|system|>")}
+    assert set(tok.stop_token_ids) == stops
     tok.save(tmp_path)
     again = Tokenizer.from_dir(tmp_path)
     assert again.encode(TEXT) == tok.encode(TEXT) and again.apply_chat_template(messages) == text
+
+
+def test_token_bytes_are_exact_for_partial_characters():
+    tok = toy_tokenizer()
+    ids = tok.encode("🙂")
+    assert len(ids) > 1  # the emoji's 4 bytes span several tokens
+    assert b"".join(tok.token_bytes(i) for i in ids) == "🙂".encode()
+    assert tok.token_bytes(tok.token_to_id("<|end|>")) == b"<|end|>"
+
+
+def test_template_errors_are_value_errors():
+    tok = toy_tokenizer()
+    bad = Tokenizer(tok.tokenizer, {**tok.config, "chat_template": "{{ raise_exception('no system role') }}"})
+    import pytest
+
+    with pytest.raises(ValueError, match="no system role"):
+        bad.apply_chat_template([{"role": "system", "content": "x"}])
