@@ -106,10 +106,10 @@ def config_and_weights(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]
         cfg, sd = hf.mamba_config(raw, _embedding_rows(sd, fmt)), hf.convert_mamba_state_dict(sd)
     else:
         cfg, sd = hf.jamba_config(raw, _embedding_rows(sd, fmt)), hf.convert_jamba_state_dict(sd)
-    if "lm_head.weight" not in sd:
+    if "lm_head.weight" not in sd and fmt == "mamba":
         cfg.tie_embeddings = True  # a missing lm_head is the tied embedding (HF's default for Mamba)
     elif cfg.tie_embeddings:
-        sd.pop("lm_head.weight")  # stored anyway by some writers; the tie makes it the embedding
+        sd.pop("lm_head.weight", None)  # stored anyway by some writers; the tie makes it the embedding
     return cfg, sd
 
 

@@ -80,6 +80,14 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in fields(self):  # JSON / YAML values: an int where an int belongs, a bool where a bool does
+            value, kind = getattr(self, f.name), f.type
+            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"model config: {f.name} must be an integer, got {value!r}")
+            if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ValueError(f"model config: {f.name} must be a number, got {value!r}")
+            if kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"model config: {f.name} must be true or false, got {value!r}")
         checks = {
             "vocab_size": self.vocab_size > 0,
             "d_model": self.d_model > 0,

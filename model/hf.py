@@ -64,6 +64,11 @@ def jamba_config(hf: dict, vocab_size: int | None) -> ModelConfig:
     attn_period, attn_offset = hf.get("attn_layer_period", 8), hf.get("attn_layer_offset", 4)
     exp_period, exp_offset = hf.get("expert_layer_period", 2), hf.get("expert_layer_offset", 1)
     n_experts = hf.get("num_experts", 16)
+    for name, period, offset in (("attn", attn_period, attn_offset), ("expert", exp_period, exp_offset)):
+        if not (isinstance(period, int) and period > 0 and isinstance(offset, int) and 0 <= offset < period):
+            raise CheckpointError(
+                f"config.json: {name}_layer_offset={offset} must be in [0, {name}_layer_period={period})"
+            )
     attention = [i for i in range(n) if i % attn_period == attn_offset]
     if attention:
         raise CheckpointError(

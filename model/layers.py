@@ -13,8 +13,8 @@ from torch import Tensor, nn
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (Zhang & Sennrich 2019; HF MambaRMSNorm / JambaRMSNorm).
 
-    As in HF, the input is first cast to the weight dtype, normalised in fp32, cast back, then scaled,
-    so the output dtype is the weight dtype even when the residual stream is fp32.
+    As in HF: normalised in fp32, cast back to the input dtype, then scaled. Callers choose the input dtype:
+    blocks cast the fp32 residual to the weight dtype first (HF MambaBlock), the final norm does not.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -23,7 +23,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.weight.dtype)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
         return self.weight * x32.to(x.dtype)

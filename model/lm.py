@@ -56,7 +56,7 @@ class Block(nn.Module):
     def _feed_forward(self, h: Tensor) -> tuple[Tensor, RouterOutput | None]:
         if self.ffn is None:
             return h, None
-        y = self.ffn(self.ffn_norm(h))
+        y = self.ffn(self.ffn_norm(h.to(self.ffn_norm.weight.dtype)))
         router = None
         if isinstance(self.ffn, MoE):
             y, router = y
@@ -64,13 +64,13 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, conv: Tensor, ssm: Tensor):
         """h: (B, L, D) -> (B, L, D), conv (B, Di, K), ssm (B, Di, N), router or None."""
-        y, conv, ssm = self.mixer(self.norm(h), conv, ssm)
+        y, conv, ssm = self.mixer(self.norm(h.to(self.norm.weight.dtype)), conv, ssm)
         h, router = self._feed_forward(h + y)
         return h, conv, ssm, router
 
     def step(self, h: Tensor, conv: Tensor, ssm: Tensor):
         """h: (B, D) -> (B, D), conv (B, Di, K), ssm (B, Di, N)."""
-        y, conv, ssm = self.mixer.step(self.norm(h), conv, ssm)
+        y, conv, ssm = self.mixer.step(self.norm(h.to(self.norm.weight.dtype)), conv, ssm)
         h, _ = self._feed_forward(h + y)
         return h, conv, ssm
 
@@ -93,20 +93,22 @@ class HybridLM(nn.Module):
 
     def cast(self, dtype: torch.dtype) -> HybridLM:
         """Cast the weights to `dtype`, keeping A_log and D in fp32 (Mamba's numerics, pitfall 7)."""
+        keep = {id(p): p.data.float().clone() for b in self.layers for p in (b.mixer.A_log, b.mixer.D)}
         self.to(dtype)
         for block in self.layers:
-            block.mixer.A_log.data = block.mixer.A_log.data.float()
-            block.mixer.D.data = block.mixer.D.data.float()
+            for p in (block.mixer.A_log, block.mixer.D):
+                p.data = keep[id(p)]
         return self
 
     @torch.no_grad()
     def _init_weights(self) -> None:
         """mamba_ssm `_init_weights`: N(0, init_std) embeddings, zero linear biases (but dt_proj's), and
-        residual-branch output projections scaled by 1/sqrt(2 * n_layers) (GPT-2 §2.3)."""
+        residual-branch output projections scaled by 1/sqrt(residuals per layer * n_layers) (GPT-2 §2.3)."""
         cfg = self.config
         nn.init.normal_(self.embeddings.weight, std=cfg.init_std)
         nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
-        scale = 1 / math.sqrt(2 * cfg.n_layers) if cfg.rescale_prenorm_residual else 1.0
+        per_layer = 2 if any(s.ffn for s in cfg.layers) else 1
+        scale = 1 / math.sqrt(per_layer * cfg.n_layers) if cfg.rescale_prenorm_residual else 1.0
         for block in self.layers:
             for name, mod in block.named_modules():
                 if isinstance(mod, nn.Linear) and mod.bias is not None and not name.endswith("dt_proj"):
@@ -131,7 +133,8 @@ class HybridLM(nn.Module):
         return h.float() if self.config.residual_in_fp32 else h
 
     def _logits(self, h: Tensor) -> Tensor:
-        return self.lm_head(self.norm_f(h)).float()  # (..., V)
+        # The fp32 residual is normalised as is and cast once for the head (HF MambaForCausalLM).
+        return self.lm_head(self.norm_f(h).to(self.lm_head.weight.dtype)).float()  # (..., V)
 
     def _run(self, tokens: Tensor, state: ModelState):
         """tokens (B, L) -> final hidden (B, L, D), new state, routers of MoE layers."""

@@ -90,13 +90,17 @@ class MambaMixer(nn.Module):
         window = torch.cat([conv.to(x.dtype), x], dim=-1)  # (B, Di, K + L)
         new_conv = window[..., -self.d_conv :].contiguous()  # (B, Di, K)
         # Causal depthwise conv continuing from the cached inputs: the first output sees the K-1 cached
-        # columns, exactly as zero padding does for a fresh sequence.
-        xc = F.conv1d(window[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)  # (B, Di, L)
-        xc = F.silu(xc).transpose(1, 2)  # (B, L, Di)
+        # columns, exactly as zero padding does for a fresh sequence. Accumulated in fp32, as `step` does
+        # (and the causal_conv1d kernel), so one-token decode and the full forward agree in bf16 too.
+        w, b = self.conv1d.weight.float(), None if self.conv1d.bias is None else self.conv1d.bias.float()
+        with torch.autocast(u.device.type, enabled=False):
+            xc = F.conv1d(window[..., 1:].float(), w, b, groups=self.d_inner)  # (B, Di, L)
+        xc = F.silu(xc).to(x.dtype).transpose(1, 2)  # (B, L, Di)
         delta, B_ssm, C_ssm = self._ssm_inputs(xc)
         A = -torch.exp(self.A_log.float())  # (Di, N)
-        y, new_ssm = selective_scan(xc.float(), delta, A, B_ssm, C_ssm, self.D.float(), ssm)  # (B, L, Di)
-        y = (y * F.silu(z.float())).to(u.dtype)  # gate after the D skip (pitfall 5)
+        with torch.autocast(u.device.type, enabled=False):  # the scan stays fp32 under autocast (§3.5)
+            y, new_ssm = selective_scan(xc.float(), delta, A, B_ssm, C_ssm, self.D.float(), ssm)  # (B, L, Di)
+        y = (y * F.silu(z.float())).to(x.dtype)  # gate after the D skip (pitfall 5)
         return self.out_proj(y), new_conv, new_ssm  # (B, L, D)
 
     def step(self, u: Tensor, conv: Tensor, ssm: Tensor):
@@ -107,11 +111,11 @@ class MambaMixer(nn.Module):
         xc = (window.float() * w.float()).sum(-1)  # (B, Di)
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias.float()
-        xc = F.silu(xc).to(u.dtype)  # (B, Di)
+        xc = F.silu(xc).to(x.dtype)  # (B, Di)
         delta, B_ssm, C_ssm = self._ssm_inputs(xc)  # (B, Di), (B, N), (B, N)
         A = -torch.exp(self.A_log.float())  # (Di, N)
         x32 = xc.float()
         h = torch.exp(delta.unsqueeze(-1) * A) * ssm + (delta * x32).unsqueeze(-1) * B_ssm.unsqueeze(1)  # (B, Di, N)
         y = torch.bmm(h, C_ssm.unsqueeze(-1)).squeeze(-1) + self.D.float() * x32  # (B, Di)
-        y = (y * F.silu(z.float())).to(u.dtype)
+        y = (y * F.silu(z.float())).to(x.dtype)
         return self.out_proj(y), window, h  # (B, D)

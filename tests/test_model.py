@@ -142,7 +142,7 @@ def test_low_precision_decode_close_to_forward(dtype):
     assert state.ssm.dtype == torch.float32 and state.conv.dtype == dtype
     for t in range(2, 6):
         logits, state = model.decode(tokens[:, t], state)
-        assert (logits - full[:, t]).abs().max() < 0.1
+        assert (logits - full[:, t]).abs().max() < 2e-2  # forward and step share the fp32 conv and scan
 
 
 def test_presets_build():

@@ -62,6 +62,8 @@ def test_config_errors_name_the_key(tmp_path):
         parse_config({"model": {"d_modle": 3}, "data": {"train": ["x"]}})
     with pytest.raises(ConfigError, match=r"^schedule.batch_size: must be a multiple"):
         load_config(cfg, ["schedule.grad_accum=3"])
+    with pytest.raises(ConfigError, match=r"^model: model config: d_model must be an integer, got 12.5"):
+        load_config(cfg, ["model.d_model=12.5"])
     r = subprocess.run(
         [sys.executable, "-m", "aetheris.cli", "train", "--config", str(cfg), "--set", "optim.lr=-1"],
         cwd=ROOT,
@@ -158,3 +160,46 @@ def test_ddp_two_processes_match_one(tmp_path):
         runs[nproc] = losses(d / "run")
     assert len(runs[1]) == len(runs[2]) == 6
     assert max(abs(a - b) for a, b in zip(runs[1], runs[2])) < 1e-4
+
+
+def test_bf16_autocast_training_runs_and_keeps_router_and_scan_fp32(tmp_path):
+    trainer = Trainer(load_config(write_config(tmp_path, **{"schedule.steps": 3}), ["precision=bf16"]))
+    first = trainer.train_step()
+    for _ in range(2):
+        last = trainer.train_step()
+    assert last["ce"] < first["ce"] + 1.0 and all(torch.isfinite(torch.tensor(v)) for v in last.values())
+    x, _ = trainer.data.sequences(torch.tensor([0]))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = trainer.model(x)
+    assert out.routers[0].logits.dtype == torch.float32
+
+
+def test_expert_load_counts_training_tokens_only(tmp_path):
+    cfg = load_config(
+        write_config(tmp_path, **{"schedule.steps": 4, "eval.every": 2}), ["gradient_checkpointing=true", "log_every=2"]
+    )
+    Trainer(cfg).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    for r in records:  # 2 steps x 8 sequences x 32 tokens, top-1: neither eval nor recompute counted
+        assert sum(r["expert_load"]["1"]) == 2 * 8 * 32
+
+
+def test_generate_cli_errors_name_the_option(tmp_path):
+    from model import HybridLM
+    from model.checkpoint import save_checkpoint
+    from tests.helpers import tiny_config, toy_tokenizer
+
+    tok = toy_tokenizer()
+    save_checkpoint(HybridLM(tiny_config(tok.vocab_size)), tmp_path / "m", tok)
+    base = [sys.executable, "-m", "aetheris.cli", "generate", "--checkpoint_dir", str(tmp_path / "m")]
+    for extra, message in [
+        (["--prompt", "hi", "--top_p", "0"], "--top_p: invalid value 0.0"),
+        (["--prompt", ""], "--prompt: empty after tokenisation"),
+        (["--prompt", "hi", "--device", "tpu"], "--device: expected auto, cpu or cuda"),
+    ]:
+        r = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.strip() == f"aetheris: error: {message}", r.stderr
+    ok = subprocess.run(
+        base + ["--prompt", "Once", "--max_tokens", "5", "--seed", "1"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and ok.stdout.strip()

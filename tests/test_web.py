@@ -1,5 +1,6 @@
-"""The chat page at /, driven in headless Chromium (Debian's /usr/bin/chromium) through Playwright, against a
-real server process. A screenshot of a finished conversation is saved to artifacts/ (path printed)."""
+"""The chat page at /, driven in headless Chromium (Debian's /usr/bin/chromium) through Playwright, against real
+server processes: the embedded default model for the conversation (its screenshot is saved to artifacts/, path
+printed), a tiny random model whose greedy reply never ends for the Stop test."""
 
 from __future__ import annotations
 
@@ -37,7 +38,14 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ckpt):
+def server():
+    s = ServerProcess(None, "--api-key", "k3y")  # the embedded default model, served as aetheris-hybrid
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(ckpt):
     s = ServerProcess(ckpt, "--api-key", "k3y")
     yield s
     s.stop()
@@ -53,8 +61,7 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
+def _open(browser, server, model_name: str):
     context = browser.new_context(viewport={"width": 390, "height": 780})  # a phone-width screen
     page = context.new_page()
     page.console_errors = []
@@ -66,7 +73,20 @@ def page(browser, server):
     page.goto(server.url + "/")
     page.fill("#api_key", "k3y")
     page.dispatch_event("#api_key", "change")
-    page.wait_for_function("document.getElementById('model').textContent === 'model: tiny'")
+    page.wait_for_function(f"document.getElementById('model').textContent === 'model: {model_name}'")
+    return context, page
+
+
+@pytest.fixture
+def page(browser, server):
+    context, page = _open(browser, server, "aetheris-hybrid")
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def tiny_page(browser, tiny_server):
+    context, page = _open(browser, tiny_server, "tiny")
     yield page
     context.close()
 
@@ -98,7 +118,7 @@ def _wait_done(page, timeout: float = 60) -> None:
     page.wait_for_function("!document.getElementById('send').disabled", timeout=timeout * 1000)
 
 
-def test_page_streams_and_keeps_the_conversation(page, server, ckpt):
+def test_page_streams_and_keeps_the_conversation(page):
     assert page.title() == "Aetheris" and page.console_errors == []
     # Record every change of the reply's text: a streamed reply grows in several steps.
     page.fill("#max_tokens", "60")
@@ -110,7 +130,7 @@ def test_page_streams_and_keeps_the_conversation(page, server, ckpt):
             if (last) window.growth.push(last.textContent.length);
         }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
     }""")
-    _send(page, "Tell me a story.")
+    _send(page, "Tell me a story about a little cat.")
     _wait_done(page)
     growth = page.evaluate("window.growth")
     assert len(set(g for g in growth if g > 0)) >= 3, growth
@@ -130,7 +150,8 @@ def test_page_streams_and_keeps_the_conversation(page, server, ckpt):
     print(f"\nscreenshot: {shot}")
 
 
-def test_stop_aborts_the_request_on_the_server(page, server, ckpt):
+def test_stop_aborts_the_request_on_the_server(tiny_page, tiny_server, ckpt):
+    page, server = tiny_page, tiny_server
     prompt = _greedy_runs_long(ckpt)
     page.fill("#max_tokens", "4000")
     page.fill("#temperature", "0")
@@ -150,8 +171,9 @@ def test_stop_aborts_the_request_on_the_server(page, server, ckpt):
     assert page.console_errors == []
 
 
-def test_model_output_is_text_not_html(page):
+def test_model_output_is_text_not_html(tiny_page):
     """The reply is served by a canned stream containing markup: it must appear literally."""
+    page = tiny_page
     evil = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"><b>bold</b>'
     body = (
         "".join(

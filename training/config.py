@@ -219,6 +219,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if not isinstance(node.get(p), dict):
+                node[p] = {}  # a missing or empty (null) section
+            node = node[p]
         node[leaf] = yaml.safe_load(value)
     return parse_config(data)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from model.tokenizer import Tokenizer
+from model.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
 from .config import ConfigError, TrainConfig
 from .tokenizer import EOT, train_tokenizer
@@ -50,9 +50,12 @@ def read_documents(files: list[Path], separator: str, text_field: str) -> list[s
                 if not line.strip():
                     continue
                 try:
-                    docs.append(json.loads(line)[text_field])
+                    text = json.loads(line)[text_field]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ConfigError(f"{f}:{n}: not a JSON object with a {text_field!r} string ({e})") from e
+                if not isinstance(text, str):
+                    raise ConfigError(f"{f}:{n}: {text_field!r} is {type(text).__name__}, not a string")
+                docs.append(text)
         else:
             docs += re.split(separator, f.read_text(encoding="utf-8"))
     return [d.strip() for d in docs if d.strip()]
@@ -120,6 +123,7 @@ def _cache_key(cfg: TrainConfig, files: list[Path], tokenizer_hash: str) -> str:
         cfg.seed,
         cfg.tokenizer.vocab_size,
         tokenizer_hash,
+        DEFAULT_CHAT_TEMPLATE,
     ]
     h.update(json.dumps(settings).encode())
     return h.hexdigest()[:16]
@@ -128,7 +132,8 @@ def _cache_key(cfg: TrainConfig, files: list[Path], tokenizer_hash: str) -> str:
 def _tokenizer_hash(path: str | None) -> str:
     if path is None:
         return "trained"
-    return hashlib.sha256((Path(path) / "tokenizer.json").read_bytes()).hexdigest()
+    files = [Path(path) / name for name in ("tokenizer.json", "tokenizer_config.json")]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files if f.exists())).hexdigest()
 
 
 def prepare_data(cfg: TrainConfig, log=print) -> PackedData:

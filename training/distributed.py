@@ -32,6 +32,14 @@ class Dist:
         dist.all_reduce(t)
         return t.item() / self.world
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all processes."""
+        if not self.enabled:
+            return t.clone()
+        t = t.to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -43,7 +51,9 @@ def setup(device: str) -> Dist:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda requested but torch.cuda.is_available() is False")
+        from .config import ConfigError
+
+        raise ConfigError("device: cuda requested but no CUDA device is available")
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -130,6 +130,8 @@ def heatmap(summary: dict, path: Path) -> Path:
 def run(args) -> dict:
     from model.checkpoint import load_model
 
+    if args.seq_len < 1 or args.max_chars < 1 or args.capacity_factor < 0:
+        raise ValueError("--seq_len and --max_chars must be >= 1 and --capacity_factor >= 0")
     model, tok = load_model(args.checkpoint_dir)
     if tok is None:
         raise FileNotFoundError(f"{args.checkpoint_dir}: no tokenizer.json beside the weights")

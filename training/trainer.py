@@ -22,7 +22,7 @@ from model import HybridLM
 from model.checkpoint import config_and_weights, save_checkpoint
 
 from . import distributed
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import PackedData, prepare_data
 from .plots import plot_run
 
@@ -67,6 +67,12 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dist = distributed.setup(cfg.device)
+        s = cfg.schedule
+        if s.batch_size % (self.dist.world * s.grad_accum):
+            raise ConfigError(
+                f"schedule.batch_size: {s.batch_size} is not a multiple of processes x grad_accum "
+                f"= {self.dist.world} x {s.grad_accum}"
+            )
         self.out = Path(cfg.out_dir)
         quiet = (lambda *a, **k: None) if not self.dist.is_main else log
         self.data: PackedData = prepare_data(cfg, log=quiet)
@@ -76,11 +82,11 @@ class Trainer:
         self.model = HybridLM(cfg.model.build(self.data.tokenizer.vocab_size)).to(self.dist.device)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else None
+        self._load = {i: torch.zeros(m.n_experts, dtype=torch.long) for i, m in self.model.moe_layers().items()}
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
         )
-        s = cfg.schedule
         warmup = int(s.warmup if s.warmup >= 1 else s.warmup * s.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, s.steps, max(1, warmup), s.min_lr_ratio)
@@ -120,14 +126,18 @@ class Trainer:
                 (loss / len(micro)).backward()
             for k, v in zip(totals, (loss, ce, out.aux_loss, out.z_loss)):
                 totals[k] += v.item() / len(micro)
+            for layer, r in zip(self._load, out.routers):  # this forward's routing, not recomputes or eval
+                self._load[layer] += torch.bincount(r.experts.flatten().cpu(), minlength=len(self._load[layer]))
         clip = self.cfg.optim.grad_clip
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         stats = {k: self.dist.mean(v) for k, v in totals.items()}
         stats["grad_norm"] = gnorm.item()
+        stats["lr"] = lr
         return stats
 
     @torch.no_grad()
@@ -159,23 +169,19 @@ class Trainer:
             (self.out / "config.yaml").write_text(_yaml(cfg.to_dict()))
         bar = tqdm(total=s.steps, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True)
         tokens_per_step = s.batch_size * cfg.data.seq_len
-        t0, last = time.perf_counter(), None
+        last = None
         summary = {}
         while self.step < s.steps:
+            t0 = time.perf_counter()
             stats = self.train_step()
-            now = time.perf_counter()
-            tok_s = tokens_per_step / (now - t0)
-            t0 = now
+            tok_s = tokens_per_step / (time.perf_counter() - t0)  # training only: eval and saving excluded
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{stats['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tok_s:.0f}"
-            )
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tok_s:.0f}")
             record = None
             if self.step % cfg.log_every == 0 or self.step == s.steps:
                 record = {
                     "step": self.step,
                     **stats,
-                    "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": tok_s,
                     "tokens": self.step * tokens_per_step,
                     "expert_load": self._expert_load(),
@@ -199,11 +205,11 @@ class Trainer:
         return summary
 
     def _expert_load(self) -> dict[str, list[int]]:
-        """Assignments per expert per MoE layer since the last log line (then reset)."""
+        """Training assignments per expert per MoE layer since the last log line, over all processes."""
         load = {}
-        for i, moe in self.model.moe_layers().items():
-            load[str(i)] = moe.expert_counts.tolist()
-            moe.reset_stats()
+        for layer, counts in self._load.items():
+            load[str(layer)] = self.dist.sum(counts).tolist()
+            counts.zero_()
         return load
 
     # ---------------------------------------------------------------- checkpoints
