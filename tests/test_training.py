@@ -195,7 +195,7 @@ def test_generate_cli_errors_name_the_option(tmp_path):
     for extra, message in [
         (["--prompt", "hi", "--top_p", "0"], "--top_p: invalid value 0.0"),
         (["--prompt", ""], "--prompt: empty after tokenisation"),
-        (["--prompt", "hi", "--device", "tpu"], "--device: expected auto, cpu or cuda"),
+        (["--prompt", "hi", "--device", "tpu"], "--device: expected auto, cpu or cuda, got 'tpu'"),
     ]:
         r = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.strip() == f"aetheris: error: {message}", r.stderr
