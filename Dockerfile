@@ -4,12 +4,12 @@ FROM python:3.11-slim
 
 # PyTorch's CPU wheels keep the image small; point this at a mirror if needed.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+RUN python -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 
 # ---- everything below is identical in Dockerfile-nvidia ----
 WORKDIR /app
 COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+RUN python -m pip install --no-cache-dir -r requirements.txt
 
 # Spaces run the container as uid 1000 and need a writable HOME and Hugging Face cache.
 RUN useradd --create-home --uid 1000 user

@@ -144,6 +144,7 @@ def test_page_streams_and_keeps_the_conversation(page):
     cached = int(stats.split(" prompt tokens cached")[0].split("· ")[-1].split("/")[0])
     assert cached > 0, stats
     assert page.console_errors == [] and page.external_requests == []
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling on a phone
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "chat-page.png"
     page.screenshot(path=str(shot), full_page=True)
