@@ -24,12 +24,12 @@ class ServerProcess:
     def __init__(self, model_dir: Path | None, *args: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        model = ["--model", str(model_dir)] if model_dir is not None else []  # None: the embedded default
         cmd = [
             sys.executable,
             "-m",
             "server",
-            "--model",
-            str(model_dir),
+            *model,
             "--host",
             "127.0.0.1",
             "--port",
@@ -50,8 +50,11 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/health", timeout=2)
+                if r.status_code == 200:
                     return
+                if r.json()["error"]["code"] == "model_failed":
+                    raise RuntimeError(f"the server could not load its model: {self.output()}")
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)

@@ -39,7 +39,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess(None, "--api-key", "k3y")  # the embedded default model, served as aetheris-hybrid
+    s = ServerProcess(None)  # the embedded default model, served as aetheris-hybrid, no key (a Space's default)
     yield s
     s.stop()
 
@@ -61,8 +61,10 @@ def browser():
         b.close()
 
 
-def _open(browser, server, model_name: str):
+def _open(browser, server, model_name: str, api_key: str | None = None):
     context = browser.new_context(viewport={"width": 390, "height": 780})  # a phone-width screen
+    if api_key:  # a returning visitor: the key field remembers the key (localStorage)
+        context.add_init_script(f"localStorage.setItem('aetheris_api_key', {api_key!r})")
     page = context.new_page()
     page.console_errors = []
     page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
@@ -71,8 +73,7 @@ def _open(browser, server, model_name: str):
     page.on("request", lambda r: not r.url.startswith(server.url) and external.append(r.url))
     page.external_requests = external
     page.goto(server.url + "/")
-    page.fill("#api_key", "k3y")
-    page.dispatch_event("#api_key", "change")
+    page.click("summary")  # open the settings panel
     page.wait_for_function(f"document.getElementById('model').textContent === 'model: {model_name}'")
     return context, page
 
@@ -86,7 +87,8 @@ def page(browser, server):
 
 @pytest.fixture
 def tiny_page(browser, tiny_server):
-    context, page = _open(browser, tiny_server, "tiny")
+    context, page = _open(browser, tiny_server, "tiny", api_key="k3y")
+    assert page.input_value("#api_key") == "k3y"
     yield page
     context.close()
 
@@ -145,6 +147,7 @@ def test_page_streams_and_keeps_the_conversation(page):
     assert cached > 0, stats
     assert page.console_errors == [] and page.external_requests == []
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling on a phone
+    page.click("summary")  # fold the settings away for the picture
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "chat-page.png"
     page.screenshot(path=str(shot), full_page=True)
