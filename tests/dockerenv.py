@@ -14,15 +14,23 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
+class CommandFailed(subprocess.SubprocessError):
+    pass
+
+
 def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=kw.pop("text", True), timeout=timeout, **kw)
+    if r.returncode != 0:
+        out = r.stdout if isinstance(r.stdout, str) else r.stdout.decode(errors="replace")
+        err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode(errors="replace")
+        raise CommandFailed(f"{' '.join(cmd[:4])} failed ({r.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
+    return r
 
 
 def debian_mirror() -> tuple[str, str]:
@@ -113,14 +121,13 @@ class DockerEngine:
 
 
 def stand_in_python_image(engine: DockerEngine, cache: Path) -> None:
-    """Import a debootstrapped Debian with Python 3 and pip as `python:3.11-slim` (the rootfs tarball is
-    cached between runs; the CA bundle is always the current host's)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / "debian-python-rootfs.tar"
-    if not tarball.exists():
+    """Import a debootstrapped Debian with Python 3 and pip as `python:3.11-slim`. The rootfs is cached
+    between runs; the CA bundle copied in is always the current host's."""
+    rootfs = cache / "rootfs"
+    if not (rootfs / ".complete").exists():
         mirror, suite = debian_mirror()
-        rootfs = cache / "rootfs"
         shutil.rmtree(rootfs, ignore_errors=True)
+        cache.mkdir(parents=True, exist_ok=True)
         run(
             [
                 "debootstrap",
@@ -134,22 +141,21 @@ def stand_in_python_image(engine: DockerEngine, cache: Path) -> None:
         )
         for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
             marker.unlink()  # the official image lets pip install globally
-        with tarfile.open(tarball.with_suffix(".tmp"), "w") as tar:
-            tar.add(rootfs, arcname=".")
-        tarball.with_suffix(".tmp").rename(tarball)
-        shutil.rmtree(rootfs, ignore_errors=True)
-    # Layer the host CA bundle on top of the cached rootfs at import time.
-    ca_tar = cache / "ca.tar"
-    with tarfile.open(ca_tar, "w") as tar:
-        tar.add(HOST_CA, arcname="etc/ssl/certs/ca-certificates.crt")
-    combined = cache / "image.tar"
-    shutil.copy(tarball, combined)
-    with tarfile.open(combined, "a") as tar, tarfile.open(ca_tar) as ca:
-        for member in ca.getmembers():
-            tar.addfile(member, ca.extractfile(member))
-    with open(combined, "rb") as f:
-        engine.docker("import", "-", "python:3.11-slim", stdin=f)
-    combined.unlink()
+        (rootfs / ".complete").touch()
+    shutil.copy(HOST_CA, rootfs / "etc" / "ssl" / "certs" / "ca-certificates.crt")
+    env = {**os.environ, "DOCKER_HOST": engine.host}
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "--exclude", "./.complete", "-c", "."], stdout=subprocess.PIPE)
+    imp = subprocess.run(
+        ["docker", "import", "-", "python:3.11-slim"],
+        stdin=tar.stdout,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    tar.stdout.close()
+    if tar.wait() != 0 or imp.returncode != 0:
+        raise CommandFailed(f"docker import failed: {imp.stdout}{imp.stderr}")
 
 
 def local_torch_index(directory: Path) -> Path:
