@@ -97,7 +97,7 @@ def write(r: dict, out_dir: Path) -> None:
     lines = [
         "# Benchmarks",
         "",
-        f"Machine: {r['machine']}. Run {r['date']}, `python bench/run.py`; "
+        f"Machine: {r['machine']}. Run {r['date']}, `{r.get('command', 'python bench/run.py')}`; "
         f"median of {r['args']['repeats']} runs (min-max). Weights: random HF MambaForCausalLM, hidden 768, "
         f"24 layers, vocab 50280 (mamba-130m size); llama.cpp runs the GGUF f32 converted from it. Greedy, "
         f"{r['args']['tokens']} new tokens after a 16-token prompt; batch = concurrent sequences.",

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from bench import common, ours  # noqa: E402
 from bench import hf as hf_bench  # noqa: E402
-from bench import http as http_bench  # noqa: E402
+from bench import http_load as http_bench  # noqa: E402
 from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 
@@ -101,7 +101,12 @@ def main() -> None:
             gguf = to_gguf(hf_dir, WORK)
         except ImportError:
             print("llama-cpp-python is not installed: llama.cpp columns skipped", flush=True)
-    report = {"machine": common.machine_line(), "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args)}
+    report = {
+        "machine": common.machine_line(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "args": vars(args),
+        "command": " ".join(["python bench/run.py", *sys.argv[1:]]),
+    }
     report["roofline"] = {
         "fp32_flops": common.matmul_flops(torch.float32),
         "bf16_flops": common.matmul_flops(torch.bfloat16),

@@ -26,7 +26,7 @@ from .protocol import (
 )
 from .serving import Serving
 from .streaming import sse_response, until_disconnect
-from .types import GenerationRequest, SamplingParams, TokenLogprob, Usage
+from .types import GenerationRequest, TokenLogprob, Usage
 
 log = logging.getLogger("aetheris.api")
 
@@ -62,19 +62,10 @@ def build_request(serving: Serving, body: ChatCompletionRequest) -> GenerationRe
     except Exception as e:  # the checkpoint's chat template refused these messages
         raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = SamplingParams(
+    params = body.to_sampling_params(
         max_tokens=serving.settings.default_max_tokens if max_tokens is None else max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
         logit_bias=serving.logit_bias(body.logit_bias),
-        stop=body.stop_list,
-        ignore_eos=body.ignore_eos,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        n=body.n,
     )
     return GenerationRequest(new_id("chatcmpl"), prompt, params)
 

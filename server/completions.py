@@ -15,7 +15,7 @@ from .errors import APIError
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, new_id, now
 from .serving import Serving
 from .streaming import merge, sse_response, until_disconnect
-from .types import GenerationRequest, SamplingParams, TokenLogprob, Usage
+from .types import GenerationRequest, TokenLogprob, Usage
 
 
 def _prompts(serving: Serving, prompt) -> list[tuple[str, list[int]]]:
@@ -50,20 +50,11 @@ def build_requests(serving: Serving, body: CompletionRequest) -> list[tuple[str,
     base = new_id("cmpl")
     reqs = []
     for i, (text, ids) in enumerate(_prompts(serving, body.prompt)):
-        params = SamplingParams(
+        params = body.to_sampling_params(
             max_tokens=16 if body.max_tokens is None else body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
             logit_bias=serving.logit_bias(body.logit_bias),
-            stop=body.stop_list,
-            ignore_eos=body.ignore_eos,
             logprobs=body.logprobs,
             prompt_logprobs=body.echo and body.logprobs is not None,
-            n=body.n,
         )
         reqs.append((text, GenerationRequest(f"{base}-{i}", ids, params)))
     return reqs

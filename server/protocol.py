@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .types import SamplingParams
+
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_N = 16
@@ -74,6 +76,26 @@ class SamplingFields(OpenAIModel):
     @property
     def stop_list(self) -> list[str]:
         return _stop_list(self.stop)
+
+    def to_sampling_params(
+        self, max_tokens: int, logit_bias: dict[int, float], logprobs: int | None, prompt_logprobs: bool = False
+    ) -> SamplingParams:
+        """The engine's view of the shared fields; the endpoint decides max_tokens and logprobs."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=logit_bias,
+            stop=self.stop_list,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            n=self.n,
+        )
 
 
 class TextPart(OpenAIModel):

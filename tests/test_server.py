@@ -105,7 +105,9 @@ def test_raw_sse_framing_and_done(server):
 
 def test_n2_seed_and_stop(client, reference):
     messages = [{"role": "user", "content": "Two please."}]
-    kw = dict(model=MODEL, messages=messages, max_tokens=8, temperature=1.0, seed=7, n=2)
+    kw = dict(
+        model=MODEL, messages=messages, max_tokens=8, temperature=1.0, seed=7, n=2, extra_body={"ignore_eos": True}
+    )
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1]
