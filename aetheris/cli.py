@@ -34,12 +34,6 @@ def _analyze_router(args: argparse.Namespace) -> None:
     run(args)
 
 
-def _serve(args: argparse.Namespace) -> None:
-    from server.__main__ import main as serve_main
-
-    serve_main(args.server_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aetheris", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,serve,analyze-router}")
@@ -96,15 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max_chars", type=int, default=200_000, help="read at most this many characters")
     a.set_defaults(func=_analyze_router)
 
-    s = sub.add_parser(
-        "serve", help="run the OpenAI-compatible server (same options as python -m server)", add_help=False
-    )
-    s.add_argument("server_args", nargs=argparse.REMAINDER, help="options of python -m server (see --help)")
-    s.set_defaults(func=_serve)
+    # `serve` is dispatched in main() before parsing: its options are python -m server's (see serve --help).
+    sub.add_parser("serve", help="run the OpenAI-compatible server (same options as python -m server)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # everything after `serve` belongs to python -m server's own parser
+        from server.__main__ import main as serve_main
+
+        return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from model.hf import CheckpointError

@@ -64,3 +64,14 @@ def test_server_defaults_to_the_embedded_model():
         assert len(re.findall(r"[A-Za-z]+", r.choices[0].message.content)) >= 10
     finally:
         s.stop()
+
+
+def test_aetheris_serve_takes_the_server_options():
+    r = subprocess.run(
+        [sys.executable, "-m", "aetheris.cli", "serve", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "--max-batch-size" in r.stdout and "AETHERIS_MODEL" in r.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "aetheris.cli", "serve", "--port", "x"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--port" in bad.stderr.strip().splitlines()[-1]
