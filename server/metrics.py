@@ -39,7 +39,6 @@ class Metrics:
         self.expert_tokens = Counter(
             p + "expert_tokens", "Token assignments per expert per MoE layer", ["layer", "expert"], registry=r
         )
-        self.requests = Counter(p + "requests", "Finished requests by outcome", ["outcome"], registry=r)
         self._last_decode_end: float | None = None
 
     def observe_cache(self, hit: bool, cached_tokens: int) -> None:

@@ -20,7 +20,6 @@ class Serving:
         self.settings, self.engine, self.tokenizer = settings, engine, tokenizer
         self.model_name = settings.model_name
         self.vocab = min(engine.model.config.vocab_size, tokenizer.vocab_size)
-        self.created = 0
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:

@@ -42,8 +42,8 @@ class StatePool:
         return ModelState(self.state.conv[:, :n], self.state.ssm[:, :n])
 
     def row(self, slot: int) -> ModelState:
-        """A copy of one row (B = 1)."""
-        return ModelState(self.state.conv[:, slot : slot + 1].clone(), self.state.ssm[:, slot : slot + 1].clone())
+        """One row (B = 1), as a view: copy it before the pool changes (PrefixCache.put does)."""
+        return ModelState(self.state.conv[:, slot : slot + 1], self.state.ssm[:, slot : slot + 1])
 
     def add(self, seqs: list, state: ModelState) -> None:
         """Append sequences as new rows, each starting from the one-row `state` (n > 1 forks it)."""

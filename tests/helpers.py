@@ -9,7 +9,6 @@ from model import HybridLM, LayerSpec, ModelConfig
 from model.checkpoint import save_checkpoint
 from training.tokenizer import train_tokenizer
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 TOY_TEXT = [
     "Once upon a time there was a little cat named Tom. Tom liked to play with a red ball.",
     "One day, Lily went to the park with her mom. She saw a big dog and said hello.",
