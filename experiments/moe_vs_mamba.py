@@ -6,7 +6,7 @@ and (c) the same MoE-Mamba with each expert count of --experts. Writes a markdow
 held-out loss vs step to --out.
 
     python experiments/moe_vs_mamba.py                 # 1,500 steps per run: about an hour on 2 CPU cores
-    python experiments/moe_vs_mamba.py --steps 500     # the run in README.md: 20 minutes
+    python experiments/moe_vs_mamba.py --steps 500     # a shorter run: 20 minutes
     python experiments/moe_vs_mamba.py --smoke --train some.txt --out /tmp/x   # seconds, for tests
 """
 
