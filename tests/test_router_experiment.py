@@ -74,6 +74,43 @@ def test_analyze_router_cli(tmp_path):
     assert bad.returncode == 2 and "missing.txt does not exist" in bad.stderr
 
 
+def test_analyze_router_on_a_jamba_checkpoint(tmp_path):
+    """An HF JambaForCausalLM dir (MoE every other layer, top-2) with a tokenizer beside it: the CLI path."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the Jamba checkpoint")
+    tok = toy_tokenizer()
+    cfg = transformers.JambaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=5,  # past the last layer: attention-free, which is what we load
+        attn_layer_offset=4,
+        mamba_d_state=8,
+        mamba_dt_rank=5,
+        use_mamba_kernels=False,
+    )
+    transformers.JambaForCausalLM(cfg).save_pretrained(tmp_path / "jamba")
+    tok.save(tmp_path / "jamba")
+    text = " ".join(TOY_TEXT[:4])
+    (tmp_path / "t.txt").write_text(text)
+    r = subprocess.run(
+        [sys.executable, "-m", "aetheris.cli", "analyze-router", "--checkpoint_dir", str(tmp_path / "jamba")]
+        + ["--text", str(tmp_path / "t.txt"), "--out_dir", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "o" / "router.json").read_text())
+    n = len(tok.encode(text, add_special_tokens=False))
+    assert set(summary["layers"]) == {"1", "3"} and summary["tokens"] == n
+    assert all(sum(layer["tokens_per_expert"]) == 2 * n for layer in summary["layers"].values())
+
+
 def test_experiment_smoke(tmp_path):
     text = tmp_path / "toy.txt"
     text.write_text("\n<|endoftext|>\n".join(TOY_TEXT))
