@@ -68,11 +68,27 @@ class Block(nn.Module):
         h, router = self._feed_forward(h + y)
         return h, conv, ssm, router
 
-    def step(self, h: Tensor, conv: Tensor, ssm: Tensor):
-        """h: (B, D) -> (B, D), conv (B, Di, K), ssm (B, Di, N)."""
-        y, conv, ssm = self.mixer.step(self.norm(h.to(self.norm.weight.dtype)), conv, ssm)
-        h, _ = self._feed_forward(h + y)
-        return h, conv, ssm
+    def step(self, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor, out_ssm: Tensor, mixer_step=None) -> Tensor:
+        """h: (B, D) -> (B, D); the new conv (B, Di, K) and ssm (B, Di, N) are written to out_conv, out_ssm.
+
+        `mixer_step` is `mixer_residual_step` or its compiled twin (HybridLM.compile_decode)."""
+        h = (mixer_step or mixer_residual_step)(self, h, conv, ssm, out_conv, out_ssm)
+        return self._feed_forward(h)[0]
+
+
+def mixer_residual_step(block: Block, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor, out_ssm: Tensor):
+    """h + mixer(norm(h)) for one token per sequence, the new state written to out_conv / out_ssm.
+
+    A free function so that one torch.compile of it serves every layer (the block's parameters become
+    graph inputs): compiled, the norm, conv, SSM update and gate fuse into three loops around the four
+    projections, and the SSM state is written straight into `out_ssm` (the pool) instead of being
+    materialised, added and copied (~10 passes over B x Di x N fp32 per layer when eager). Run eagerly it is
+    the reference the compiled one is tested against. `out_*` may be `conv` / `ssm` themselves: the old
+    state is read before the new one is written."""
+    y, new_conv, new_ssm = block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), conv, ssm)
+    out_conv.copy_(new_conv)
+    out_ssm.copy_(new_ssm)
+    return h + y  # (B, D)
 
 
 class HybridLM(nn.Module):
@@ -84,6 +100,7 @@ class HybridLM(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self._mixer_step = None  # the compiled decode step, once compile_decode() ran
         self._init_weights()
         self.tie_weights()
 
@@ -183,10 +200,23 @@ class HybridLM(nn.Module):
         out = out or ModelState(torch.empty_like(state.conv), torch.empty_like(state.ssm))
         h = self._embed(tokens)  # (B, D)
         for i, block in enumerate(self.layers):
-            h, conv, ssm = block.step(h, state.conv[i], state.ssm[i])
-            out.conv[i].copy_(conv)
-            out.ssm[i].copy_(ssm)
+            h = block.step(h, state.conv[i], state.ssm[i], out.conv[i], out.ssm[i], self._mixer_step)
         return self._logits(h), out
+
+    def compile_decode(self) -> None:
+        """Decode through a torch.compile'd `mixer_residual_step` (one graph for every layer; the FFNs, whose
+        MoE dispatch has data-dependent shapes, stay eager). Compiles now, for batch 1 and for a symbolic
+        batch, so the first requests do not wait; raises if compilation fails (e.g. no C++ compiler), leaving
+        the eager path in place."""
+        self._mixer_step = torch.compile(mixer_residual_step)
+        try:
+            for batch in (1, 2):  # batch 1 is specialised; the second call makes the batch dimension dynamic
+                self.decode(
+                    torch.zeros(batch, dtype=torch.long, device=self.embeddings.weight.device), self.empty_state(batch)
+                )
+        except Exception:
+            self._mixer_step = None
+            raise
 
     # ---------------------------------------------------------------- introspection
     def moe_layers(self) -> dict[int, MoE]:
