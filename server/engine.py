@@ -8,6 +8,7 @@ The event loop never runs model code. `submit()` returns an async iterator of Re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ class Engine:
         self._queued = 0  # adds sent to the inbox and not yet taken by the loop
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._outbox: list[tuple] = []  # (loop, queue, output) emitted this iteration; engine thread only
         self._thread = threading.Thread(target=self._loop, name="aetheris-engine", daemon=True)
 
     # ---------------------------------------------------------------- lifecycle
@@ -71,7 +73,7 @@ class Engine:
             if self.num_waiting_locked() >= self.max_queue:
                 raise EngineOverloaded(f"the server is busy: {self.max_queue} requests are already waiting")
             self._queued += 1
-        self._inbox.put(("add", req, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+        self._inbox.put(("add", req, lambda out: self._outbox.append((loop, outputs, out))))
         return self._outputs(req.request_id, outputs)
 
     async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
@@ -101,6 +103,19 @@ class Engine:
             except Exception as e:  # keep serving: fail what was in flight, not the process
                 log.exception("engine iteration failed")
                 self.core.fail_all(f"internal error in the engine: {type(e).__name__}")
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the iteration's outputs to the event loop in one wake-up, not one per request."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, outputs, out in self._outbox:
+            by_loop.setdefault(loop, []).append((outputs, out))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that event loop has closed: nobody is listening
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -120,3 +135,8 @@ class Engine:
                 break
         if self.metrics is not None:  # aborts change the gauges even when no step follows
             self.metrics.observe_core(self.core)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, out in items:
+        outputs.put_nowait(out)
