@@ -9,6 +9,7 @@ import contextlib
 import hmac
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Annotated
@@ -65,6 +66,13 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     model, tokenizer = load_model(settings.model, device, dtype)
     if tokenizer is None:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
+    if settings.compile:
+        t0 = time.perf_counter()
+        try:
+            model.compile_decode()
+            log.info("compiled the decode step in %.1f s", time.perf_counter() - t0)
+        except Exception as e:  # an optimisation: serve eagerly rather than not at all
+            log.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e)[:300])
     cfg = CoreConfig(settings.max_batch_size, settings.prefill_budget, int(settings.state_cache_mb * (1 << 20)))
     engine = Engine(model, tokenizer, cfg, settings.max_queue, metrics).start()
     total, active = model.num_parameters()

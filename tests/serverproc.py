@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path | None, *args: str, env: dict | None = None) -> None:
+    def __init__(self, model_dir: Path | None, *args: str, env: dict | None = None, timeout: float = 60) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         model = ["--model", str(model_dir)] if model_dir is not None else []  # None: the embedded default
@@ -42,7 +42,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-        self.wait_ready()
+        self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.time() + timeout

@@ -50,8 +50,9 @@ def test_generate_cli_writes_a_story():
     assert len(words) >= 10, r.stdout
 
 
-def test_server_defaults_to_the_embedded_model():
-    s = ServerProcess(None)
+def _story(*args: str, timeout: float = 60) -> tuple[str, str]:
+    """A greedy chat answer from `python -m server *args` with no model option, and the server's log."""
+    s = ServerProcess(None, *args, timeout=timeout)
     try:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["aetheris-hybrid"]
@@ -61,9 +62,21 @@ def test_server_defaults_to_the_embedded_model():
             temperature=0,
             messages=[{"role": "user", "content": "Tell me a story about Lily."}],
         )
-        assert len(re.findall(r"[A-Za-z]+", r.choices[0].message.content)) >= 10
+        return r.choices[0].message.content, s.output()
     finally:
         s.stop()
+
+
+def test_server_defaults_to_the_embedded_model():
+    story, _ = _story()
+    assert len(re.findall(r"[A-Za-z]+", story)) >= 10
+
+
+def test_compiled_server_tells_the_same_story():
+    """--compile swaps in the fused decode step: same greedy text as the eager engine, end to end."""
+    compiled, log = _story("--compile", timeout=600)
+    assert "compiled the decode step" in log, log
+    assert compiled == _story()[0]
 
 
 def test_aetheris_serve_takes_the_server_options():
