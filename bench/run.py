@@ -34,17 +34,26 @@ def decode_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
     n = args.repeats
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[1]
-        model, tok = load_model(hf_dir, dtype=dtype)
+        eager, tok = load_model(hf_dir, dtype=dtype)
+        model = compiled(load_model(hf_dir, dtype=dtype)[0])
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
             out[("ours", name, b)] = common.repeat(n, ours.decode_tokens_per_s, model, tok, b, args.tokens)
+            out[("ours, eager", name, b)] = common.repeat(n, ours.decode_tokens_per_s, eager, tok, b, args.tokens)
             out[("transformers", name, b)] = common.repeat(n, hf_bench.decode_tokens_per_s, ref, b, args.tokens)
-            if gguf is not None and dtype == torch.float32:
+            if gguf is not None:
                 from bench import llamacpp
 
-                out[("llama.cpp", name, b)] = common.repeat(n, llamacpp.decode_tokens_per_s, str(gguf), b, args.tokens)
+                path = str(gguf[dtype])
+                out[("llama.cpp", name, b)] = common.repeat(n, llamacpp.decode_tokens_per_s, path, b, args.tokens)
             print({k: round(v["median"], 1) for k, v in out.items() if k[2] == b and k[1] == name}, flush=True)
     return out
+
+
+def compiled(model):
+    """`ours` is the engine as `--compile` serves it; `ours, eager` the reference path."""
+    model.compile_decode()
+    return model
 
 
 def prefill_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
@@ -57,7 +66,8 @@ def prefill_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
         if gguf is not None:
             from bench import llamacpp
 
-            out[("llama.cpp", length)] = common.repeat(args.repeats, llamacpp.prefill_tokens_per_s, str(gguf), length)
+            path = str(gguf[torch.float32])
+            out[("llama.cpp", length)] = common.repeat(args.repeats, llamacpp.prefill_tokens_per_s, path, length)
     return out
 
 
@@ -66,7 +76,9 @@ def server_suite(args, hf_dir: Path) -> dict:
     from tests.serverproc import ServerProcess
 
     out = {}
-    s = ServerProcess(hf_dir, "--served-model-name", "bench", "--threads", "2", "--max-batch-size", "32")
+    s = ServerProcess(
+        hf_dir, "--served-model-name", "bench", "--threads", "2", "--max-batch-size", "32", "--compile", timeout=600
+    )
     try:
         http_bench.stream_clients(s.url, 1, 64)
         out["rss_1_mb"] = http_bench.peak_rss_mb(s.proc.pid)
@@ -98,7 +110,7 @@ def main() -> None:
         try:
             import llama_cpp  # noqa: F401
 
-            gguf = to_gguf(hf_dir, WORK)
+            gguf = {torch.float32: to_gguf(hf_dir, WORK, "f32"), torch.bfloat16: to_gguf(hf_dir, WORK, "bf16")}
         except ImportError:
             print("llama-cpp-python is not installed: llama.cpp columns skipped", flush=True)
     report = {
@@ -115,12 +127,13 @@ def main() -> None:
     report["decode"] = decode_suite(args, hf_dir, gguf)
     report["prefill"] = prefill_suite(args, hf_dir, gguf)
     model, tok = load_model(hf_dir)
+    model = compiled(model)
     report["latency"] = {pos: ours.decode_latency_at(model, pos) for pos in (100, args.far)}
     report["memory"] = memory_figures(model)
     report["offline_32"] = ours.decode_tokens_per_s(model, tok, 32, args.tokens) if 32 in args.batches else None
-    report["default_model"] = {
-        b: ours.decode_tokens_per_s(*load_model(DEFAULT_MODEL), b, args.tokens) for b in args.batches
-    }
+    default, default_tok = load_model(DEFAULT_MODEL)
+    default = compiled(default)
+    report["default_model"] = {b: ours.decode_tokens_per_s(default, default_tok, b, args.tokens) for b in args.batches}
     del model
     report["server"] = server_suite(args, hf_dir)
     from bench.report import write

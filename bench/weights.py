@@ -42,8 +42,9 @@ def converter_script(cache: Path) -> Path:
     return script
 
 
-def to_gguf(hf_dir: Path, cache: Path) -> Path:
-    out = hf_dir.with_suffix(".f32.gguf")
+def to_gguf(hf_dir: Path, cache: Path, outtype: str = "f32") -> Path:
+    """The GGUF (outtype f32 or bf16) of an HF Mamba dir, made once by the converter llama.cpp ships."""
+    out = hf_dir.with_suffix(f".{outtype}.gguf")
     if out.exists():
         return out
     script = converter_script(cache)
@@ -55,7 +56,7 @@ def to_gguf(hf_dir: Path, cache: Path) -> Path:
             (tmp / name).symlink_to((hf_dir / name).resolve())
     env_path = str(script.parent / "gguf-py")
     subprocess.run(
-        [sys.executable, str(script), str(tmp), "--outfile", str(out), "--outtype", "f32"],
+        [sys.executable, str(script), str(tmp), "--outfile", str(out), "--outtype", outtype],
         check=True,
         env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
         capture_output=True,
