@@ -23,6 +23,7 @@ from . import hf
 from .config import ModelConfig
 from .hf import CheckpointError
 from .lm import HybridLM
+from .packed import is_packed
 from .tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -159,6 +160,8 @@ def load_model(
 
 def save_checkpoint(model: HybridLM, directory: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
     """Write our format. Weights are saved contiguous, in their current dtype."""
+    if is_packed(model):  # packed weights are not in state_dict(): the file would lack them
+        raise ValueError("this model's Linear weights are packed for inference; save the model as loaded")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / "config.json")

@@ -1,0 +1,88 @@
+"""Inference-only Linear layers with the weight pre-packed in oneDNN's blocked layout (CPU).
+
+Glossary: M rows of input (batch x tokens), I in_features, O out_features.
+
+Why: decoding one token per sequence is a matrix-vector product per projection, bounded by how fast the
+weights stream from memory. `F.linear` with a row-major (O, I) weight goes to MKL's GEMV / small-M GEMM, which
+on the benchmark machine streams ~20 GB/s at M = 1 (one thread does the work) and less at M = 8-32, against
+~85 GB/s of read bandwidth. The same weights reordered once into oneDNN's blocked layout and multiplied by
+`mkldnn._linear_pointwise` stream at 45-85 GB/s (bench/results). This is the rewrite that torch.compile's
+freezing pass does for CPU inference; done here explicitly, the eager engine gets it, the model stays
+unfrozen, and `nn.Linear` stays the reference a test holds it equal to.
+
+Packed weights are opaque tensors without storage: they are not in `state_dict()`, cannot move devices and
+have no gradient, so packing is the last step of loading a model for serving, never done for training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+# Linear modules that are read through `.weight` rather than called (F.linear on the raw weight) stay as they
+# are: dt_proj adds its bias in fp32 before softplus (mamba.py), the MoE router runs in fp32 (moe.py). Both are
+# small (R x Di, E x D), so packing them would gain little.
+UNPACKED = ("dt_proj", "router")
+
+
+@torch.library.custom_op("aetheris::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., I) @ packed (O, I)^T + bias -> (..., O). A custom op so that torch.compile keeps it whole, as one
+    call inside the compiled decode step (inductor cannot lower mkldnn's op with an opaque weight input)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., O)
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W in oneDNN's blocked layout; x (..., I) -> (..., O)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # batch_size=None: one layout for every M (the engine's batch changes every step); measured as fast as
+        # a layout specialised to M = 1, 8 or 32.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())  # (O, I), opaque
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return packed_linear(x, self.weight, self.bias)  # (..., O)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def can_pack(model: nn.Module) -> bool:
+    """oneDNN packing applies to CPU models in fp32, or in bf16 where the CPU has bf16 instructions."""
+    p = next(model.parameters())
+    if p.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if p.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return p.dtype == torch.float32
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module) -> int:
+    """Replace every called nn.Linear of `model` (not those in UNPACKED) by a PackedLinear; returns how many.
+
+    A weight tied to the embeddings is packed as a copy: the embedding lookup keeps the original."""
+    if not can_pack(model):
+        raise ValueError("weight packing needs a CPU model in float32 or bfloat16 (bf16: a CPU with bf16 support)")
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and name not in UNPACKED
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, PackedLinear(child))
+    return len(targets)
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedLinear) for m in model.modules())

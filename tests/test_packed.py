@@ -1,0 +1,89 @@
+"""oneDNN-packed Linear layers (model/packed.py) against nn.Linear, their reference, alone and in the model."""
+
+import pytest
+import torch
+
+from model import ModelState
+from model.checkpoint import save_checkpoint
+from model.packed import PackedLinear, can_pack, pack_linears
+from tests.test_model import LAYOUTS, tiny
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(dtype, bias):
+    linear = torch.nn.Linear(40, 24, bias=bias).to(dtype)
+    packed = PackedLinear(linear)
+    for shape in [(40,), (1, 40), (7, 40), (2, 3, 40)]:
+        x = torch.randn(shape, dtype=dtype)
+        got = packed(x)
+        assert got.shape == (*shape[:-1], 24) and got.dtype == dtype
+        torch.testing.assert_close(got, linear(x), **TOL[dtype])
+
+
+def test_packed_linear_inside_torch_compile():
+    """The custom op keeps the packed call whole inside a compiled graph (inductor cannot lower mkldnn's op)."""
+    linear = torch.nn.Linear(16, 8)
+    packed = PackedLinear(linear)
+    fn = torch.compile(lambda x: torch.nn.functional.silu(packed(x * 2)) + 1)
+    for batch in (1, 5):
+        x = torch.randn(batch, 16)
+        torch.testing.assert_close(fn(x), torch.nn.functional.silu(linear(x * 2)) + 1, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_model_equals_unpacked(layout):
+    ref = tiny(layout)
+    model = tiny(layout)
+    model.load_state_dict(ref.state_dict())
+    n = pack_linears(model)
+    # in_proj, x_proj, out_proj per mixer (dt_proj stays), 3 per dense MLP, lm_head; routers stay
+    mlps = sum(spec.ffn == "mlp" for spec in model.config.layers)
+    assert n == 3 * model.config.n_layers + 3 * mlps + 1
+    assert isinstance(model.layers[0].mixer.dt_proj, torch.nn.Linear)
+    assert torch.equal(model.embeddings.weight, ref.embeddings.weight)  # a tied head is packed as a copy
+    tokens = torch.randint(0, 97, (2, 9))
+    want, want_state = ref.prefill(tokens, ref.empty_state(2), all_logits=True)
+    got, state = model.prefill(tokens, model.empty_state(2), all_logits=True)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    for _ in range(4):
+        step = want[:, -1].argmax(-1) if want.dim() == 3 else want.argmax(-1)
+        want, want_state = ref.decode(step, want_state)
+        got, state = model.decode(step, state, out=state)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+        torch.testing.assert_close(state.ssm, want_state.ssm, **TOL[torch.float32])
+
+
+def test_packed_compiled_decode_equals_eager_reference():
+    """The serving fast path (packed + compiled) against the plain eager model, at batch 1 and 3."""
+    ref = tiny("jamba")
+    fast = tiny("jamba")
+    fast.load_state_dict(ref.state_dict())
+    pack_linears(fast)
+    fast.compile_decode()
+    for batch in (1, 3):
+        _, state = ref.prefill(torch.randint(0, 97, (batch, 5)), ref.empty_state(batch))
+        pool = ModelState(state.conv.clone(), state.ssm.clone())
+        for _ in range(3):
+            tokens = torch.randint(0, 97, (batch,))
+            want, state = ref.decode(tokens, state)
+            got, pool = fast.decode(tokens, pool, out=pool)
+            torch.testing.assert_close(got, want, **TOL[torch.float32])
+            torch.testing.assert_close(pool.ssm, state.ssm, **TOL[torch.float32])
+
+
+def test_packed_model_refuses_to_be_saved(tmp_path):
+    model = tiny("mamba")
+    pack_linears(model)
+    with pytest.raises(ValueError, match="packed for inference"):
+        save_checkpoint(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_packing_refuses_what_onednn_cannot_pack():
+    model = tiny("mamba").cast(torch.float16)
+    assert not can_pack(model)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        pack_linears(model)
