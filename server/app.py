@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.checkpoint import load_model
+from model.packed import can_pack, pack_linears
 
 from . import errors
 from .chat import create_chat_completion
@@ -66,6 +67,9 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     model, tokenizer = load_model(settings.model, device, dtype)
     if tokenizer is None:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
+    total, active = model.num_parameters()  # before packing, which moves weights out of the parameters
+    if settings.pack_weights and can_pack(model):
+        log.info("packed %d Linear layers for oneDNN", pack_linears(model))
     if settings.compile:
         t0 = time.perf_counter()
         try:
@@ -75,13 +79,12 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
             log.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e)[:300])
     cfg = CoreConfig(settings.max_batch_size, settings.prefill_budget, int(settings.state_cache_mb * (1 << 20)))
     engine = Engine(model, tokenizer, cfg, settings.max_queue, metrics).start()
-    total, active = model.num_parameters()
     log.info(
         "serving %s as '%s' on %s (%s): %.1fM parameters, %.1fM active",
         settings.model,
         settings.model_name,
         device,
-        next(model.parameters()).dtype,
+        model.embeddings.weight.dtype,
         total / 1e6,
         active / 1e6,
     )

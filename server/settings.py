@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, description="max_tokens for chat requests that set none")
     max_body_mb: float = Field(8, gt=0, description="largest accepted request body, MiB (413 past it)")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
+    pack_weights: bool = Field(
+        True, description="CPU: pack Linear weights in oneDNN's layout at load (about 2x faster decode; off: F.linear)"
+    )
     compile: bool = Field(
         False, description="torch.compile the decode step at startup (fused kernels; needs a C++ compiler on CPU)"
     )

@@ -72,11 +72,15 @@ def test_server_defaults_to_the_embedded_model():
     assert len(re.findall(r"[A-Za-z]+", story)) >= 10
 
 
-def test_compiled_server_tells_the_same_story():
-    """--compile swaps in the fused decode step: same greedy text as the eager engine, end to end."""
+def test_fast_paths_tell_the_same_story():
+    """Packed weights (the default), packed + compiled, and plain F.linear: the same greedy text end to end."""
+    packed, log = _story()
+    assert "packed 13 Linear layers" in log, log  # 3 per mixer x 4 + the head; MoE experts and routers stay
     compiled, log = _story("--compile", timeout=600)
     assert "compiled the decode step" in log, log
-    assert compiled == _story()[0]
+    plain, log = _story("--no-pack-weights")
+    assert "packed" not in log, log
+    assert compiled == packed == plain
 
 
 def test_aetheris_serve_takes_the_server_options():
