@@ -23,23 +23,37 @@ from bench import hf as hf_bench  # noqa: E402
 from bench import http_load as http_bench  # noqa: E402
 from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
+from model.packed import pack_linears  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"
 DEFAULT_MODEL = ROOT / "checkpoints" / "aetheris-hybrid"
 
 
-def decode_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
+# Our engine as `python -m server` serves it with each flag: weights packed for oneDNN (the default) and the
+# decode step compiled, packed only, and plain F.linear (the reference path, and what MKL alone gives).
+OURS = {"ours --compile": (True, True), "ours": (True, False), "ours --no-pack-weights": (False, False)}
+
+
+def load_ours(path: Path, dtype: torch.dtype = torch.float32, pack: bool = True, compile: bool = True):
+    model, tok = load_model(path, dtype=dtype)
+    if pack:
+        pack_linears(model)
+    if compile:
+        model.compile_decode()
+    return model, tok
+
+
+def decode_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
     out: dict = {}
     n = args.repeats
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[1]
-        eager, tok = load_model(hf_dir, dtype=dtype)
-        model = compiled(load_model(hf_dir, dtype=dtype)[0])
+        variants = {system: load_ours(hf_dir, dtype, *flags) for system, flags in OURS.items()}
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
-            out[("ours", name, b)] = common.repeat(n, ours.decode_tokens_per_s, model, tok, b, args.tokens)
-            out[("ours, eager", name, b)] = common.repeat(n, ours.decode_tokens_per_s, eager, tok, b, args.tokens)
+            for system, (model, tok) in variants.items():
+                out[(system, name, b)] = common.repeat(n, ours.decode_tokens_per_s, model, tok, b, args.tokens)
             out[("transformers", name, b)] = common.repeat(n, hf_bench.decode_tokens_per_s, ref, b, args.tokens)
             if gguf is not None:
                 from bench import llamacpp
@@ -50,15 +64,9 @@ def decode_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
     return out
 
 
-def compiled(model):
-    """`ours` is the engine as `--compile` serves it; `ours, eager` the reference path."""
-    model.compile_decode()
-    return model
-
-
-def prefill_suite(args, hf_dir: Path, gguf: Path | None) -> dict:
+def prefill_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
     out: dict = {}
-    model, _ = load_model(hf_dir)
+    model, _ = load_ours(hf_dir, compile=False)  # prefill runs eagerly either way
     ref = hf_bench.load(hf_dir, torch.float32)
     for length in args.prefill:
         out[("ours", length)] = common.repeat(args.repeats, ours.prefill_tokens_per_s, model, length)
@@ -126,13 +134,11 @@ def main() -> None:
     }
     report["decode"] = decode_suite(args, hf_dir, gguf)
     report["prefill"] = prefill_suite(args, hf_dir, gguf)
-    model, tok = load_model(hf_dir)
-    model = compiled(model)
+    model, tok = load_ours(hf_dir)
     report["latency"] = {pos: ours.decode_latency_at(model, pos) for pos in (100, args.far)}
-    report["memory"] = memory_figures(model)
+    report["memory"] = memory_figures(load_model(hf_dir)[0])  # unpacked: packed weights are not parameters
     report["offline_32"] = ours.decode_tokens_per_s(model, tok, 32, args.tokens) if 32 in args.batches else None
-    default, default_tok = load_model(DEFAULT_MODEL)
-    default = compiled(default)
+    default, default_tok = load_ours(DEFAULT_MODEL)
     report["default_model"] = {b: ours.decode_tokens_per_s(default, default_tok, b, args.tokens) for b in args.batches}
     del model
     report["server"] = server_suite(args, hf_dir)
@@ -148,6 +154,7 @@ def memory_figures(model) -> dict:
     return {
         "state_bytes": state,
         "kv_bytes": kv,
+        # what one decode step streams: every weight once (a tied head reads the embedding matrix)
         "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
 
