@@ -31,7 +31,7 @@ DEFAULT_MODEL = ROOT / "checkpoints" / "aetheris-hybrid"
 
 
 # Our engine as `python -m server` serves it with each flag: weights packed for oneDNN (the default) and the
-# decode step compiled, packed only, and plain F.linear (the reference path, and what MKL alone gives).
+# decode step and prefill scan compiled, packed only, and plain F.linear (the reference path, and what MKL alone gives).
 OURS = {"ours --compile": (True, True), "ours": (True, False), "ours --no-pack-weights": (False, False)}
 
 
@@ -40,7 +40,7 @@ def load_ours(path: Path, dtype: torch.dtype = torch.float32, pack: bool = True,
     if pack:
         pack_linears(model)
     if compile:
-        model.compile_decode()
+        model.compile_inference()
     return model, tok
 
 

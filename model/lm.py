@@ -29,6 +29,7 @@ from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, SwiGLU
 from .mamba import MambaMixer
 from .moe import MoE, RouterOutput, load_balancing_loss, router_z_loss
+from .scan import scan_chunk
 from .state import ModelState
 
 
@@ -71,7 +72,7 @@ class Block(nn.Module):
     def step(self, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor, out_ssm: Tensor, mixer_step=None) -> Tensor:
         """h: (B, D) -> (B, D); the new conv (B, Di, K) and ssm (B, Di, N) are written to out_conv, out_ssm.
 
-        `mixer_step` is `mixer_residual_step` or its compiled twin (HybridLM.compile_decode)."""
+        `mixer_step` is `mixer_residual_step` or its compiled twin (HybridLM.compile_inference)."""
         h = (mixer_step or mixer_residual_step)(self, h, conv, ssm, out_conv, out_ssm)
         return self._feed_forward(h)[0]
 
@@ -100,7 +101,7 @@ class HybridLM(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self._mixer_step = None  # the compiled decode step, once compile_decode() ran
+        self._mixer_step = None  # the compiled decode step, once compile_inference() ran
         self._init_weights()
         self.tie_weights()
 
@@ -203,19 +204,25 @@ class HybridLM(nn.Module):
             h = block.step(h, state.conv[i], state.ssm[i], out.conv[i], out.ssm[i], self._mixer_step)
         return self._logits(h), out
 
-    def compile_decode(self) -> None:
-        """Decode through a torch.compile'd `mixer_residual_step` (one graph for every layer; the FFNs, whose
-        MoE dispatch has data-dependent shapes, stay eager). Compiles now, for batch 1 and for a symbolic
-        batch, so the first requests do not wait; raises if compilation fails (e.g. no C++ compiler), leaving
-        the eager path in place."""
+    def compile_inference(self) -> None:
+        """torch.compile the two inference hot loops, and compile them now so the first requests do not wait:
+        the decode step's `mixer_residual_step` (one graph for every layer; the FFNs, whose MoE dispatch has
+        data-dependent shapes, stay eager) and prefill's scan chunk (scan.py). Each at batch 1 (specialised)
+        and batch 2 (which makes the batch dimension dynamic). Raises if compilation fails (e.g. no C++
+        compiler), leaving the eager paths in place."""
         self._mixer_step = torch.compile(mixer_residual_step)
+        chunk = torch.compile(scan_chunk)
+        for block in self.layers:
+            block.mixer.scan_chunk = chunk
+        device = self.embeddings.weight.device
         try:
-            for batch in (1, 2):  # batch 1 is specialised; the second call makes the batch dimension dynamic
-                self.decode(
-                    torch.zeros(batch, dtype=torch.long, device=self.embeddings.weight.device), self.empty_state(batch)
-                )
+            for batch in (1, 2):
+                self.decode(torch.zeros(batch, dtype=torch.long, device=device), self.empty_state(batch))
+                self.prefill(torch.zeros(batch, 3, dtype=torch.long, device=device), self.empty_state(batch))
         except Exception:
             self._mixer_step = None
+            for block in self.layers:
+                block.mixer.scan_chunk = None
             raise
 
     # ---------------------------------------------------------------- introspection

@@ -42,6 +42,7 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(Di, N, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(Di, dtype=torch.float32))
         self.out_proj = nn.Linear(Di, D, bias=cfg.proj_bias)
+        self.scan_chunk = None  # a compiled scan_chunk for prefill (HybridLM.compile_inference), or eager
         self.mixer_norms = cfg.mixer_norms
         if cfg.mixer_norms:
             self.dt_layernorm = RMSNorm(R, cfg.norm_eps)
@@ -99,7 +100,9 @@ class MambaMixer(nn.Module):
         delta, B_ssm, C_ssm = self._ssm_inputs(xc)
         A = -torch.exp(self.A_log.float())  # (Di, N)
         with torch.autocast(u.device.type, enabled=False):  # the scan stays fp32 under autocast (§3.5)
-            y, new_ssm = selective_scan(xc.float(), delta, A, B_ssm, C_ssm, self.D.float(), ssm)  # (B, L, Di)
+            y, new_ssm = selective_scan(
+                xc.float(), delta, A, B_ssm, C_ssm, self.D.float(), ssm, self.scan_chunk
+            )  # (B, L, Di)
         y = (y * F.silu(z.float())).to(x.dtype)  # gate after the D skip (pitfall 5)
         return self.out_proj(y), new_conv, new_ssm  # (B, L, D)
 

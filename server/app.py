@@ -73,8 +73,8 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     if settings.compile:
         t0 = time.perf_counter()
         try:
-            model.compile_decode()
-            log.info("compiled the decode step in %.1f s", time.perf_counter() - t0)
+            model.compile_inference()
+            log.info("compiled the decode step and the prefill scan in %.1f s", time.perf_counter() - t0)
         except Exception as e:  # an optimisation: serve eagerly rather than not at all
             log.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e)[:300])
     cfg = CoreConfig(settings.max_batch_size, settings.prefill_budget, int(settings.state_cache_mb * (1 << 20)))

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         True, description="CPU: pack Linear weights in oneDNN's layout at load (about 2x faster decode; off: F.linear)"
     )
     compile: bool = Field(
-        False, description="torch.compile the decode step at startup (fused kernels; needs a C++ compiler on CPU)"
+        False, description="torch.compile the decode step and prefill scan at startup (needs a C++ compiler on CPU)"
     )
     log_prompts: bool = Field(False, description="log prompt and output text (off: only sizes are logged)")
     log_level: str = Field("info", description="debug, info, warning or error")

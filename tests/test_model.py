@@ -165,16 +165,20 @@ def test_decode_in_place_equals_fresh_state():
 
 
 @pytest.mark.parametrize("layout", ["moe-mamba", "jamba"])
-def test_compiled_decode_equals_eager(layout):
-    """The torch.compile'd mixer step (fused kernels, state stored straight into `out`) against the eager
-    reference, at batch 1 (a specialised graph) and batch 3 (the dynamic-batch graph), in place and not."""
+def test_compiled_inference_equals_eager(layout):
+    """The torch.compile'd prefill scan and mixer step (fused kernels, state stored straight into `out`)
+    against the eager reference, at batch 1 (specialised graphs) and batch 3 (dynamic batch), a prompt longer
+    than one scan chunk, decode in place and not."""
     eager = tiny(layout)
     compiled = tiny(layout)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_decode()
+    compiled.compile_inference()
     for batch in (1, 3):
-        _, state = eager.prefill(torch.randint(0, 97, (batch, 5)), eager.empty_state(batch))
-        pool = ModelState(state.conv.clone(), state.ssm.clone())
+        prompt = torch.randint(0, 97, (batch, 21))
+        want, state = eager.prefill(prompt, eager.empty_state(batch), all_logits=True)
+        got, pool = compiled.prefill(prompt, compiled.empty_state(batch), all_logits=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pool.ssm, state.ssm, atol=1e-5, rtol=1e-5)
         for _ in range(4):
             tokens = torch.randint(0, 97, (batch,))
             want, state = eager.decode(tokens, state)

@@ -62,7 +62,7 @@ def test_packed_compiled_decode_equals_eager_reference():
     fast = tiny("jamba")
     fast.load_state_dict(ref.state_dict())
     pack_linears(fast)
-    fast.compile_decode()
+    fast.compile_inference()
     for batch in (1, 3):
         _, state = ref.prefill(torch.randint(0, 97, (batch, 5)), ref.empty_state(batch))
         pool = ModelState(state.conv.clone(), state.ssm.clone())

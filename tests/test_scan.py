@@ -1,8 +1,9 @@
 """The fused inference scan equals the textbook reference, and both equal a hand-unrolled recurrence."""
 
+import pytest
 import torch
 
-from model.scan import selective_scan_fused, selective_scan_ref
+from model.scan import CHUNK, scan_chunk, selective_scan_chunked, selective_scan_fused, selective_scan_ref
 
 
 def _inputs(B=2, L=9, Di=6, N=4):
@@ -17,6 +18,20 @@ def test_fused_equals_reference():
     y_ref, h_ref = selective_scan_ref(*args)
     y, h = selective_scan_fused(*args)
     assert torch.allclose(y, y_ref, atol=1e-6) and torch.allclose(h, h_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_equals_reference(compiled):
+    """Lengths below, at and across chunk boundaries (the tail padded with no-op steps), batch 1 and 3."""
+    chunk_fn = torch.compile(scan_chunk) if compiled else scan_chunk
+    for B, L in [(1, 5), (3, CHUNK), (3, 2 * CHUNK + 7), (1, 1)]:
+        args = _inputs(B=B, L=L)
+        h0 = args[-1].clone()
+        y_ref, h_ref = selective_scan_ref(*args)
+        y, h = selective_scan_chunked(*args, chunk_fn=chunk_fn)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(args[-1], h0)  # the caller's state is not written
 
 
 def test_reference_matches_definition():
