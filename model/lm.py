@@ -207,7 +207,7 @@ class HybridLM(nn.Module):
     def compile_inference(self) -> None:
         """torch.compile the two inference hot loops, and compile them now so the first requests do not wait:
         the decode step's `mixer_residual_step` (one graph for every layer; the FFNs, whose MoE dispatch has
-        data-dependent shapes, stay eager) and prefill's scan chunk (scan.py). Each at batch 1 (specialised)
+        data-dependent shapes, stay eager) and prefill's scan chunk (scan.py); decode at batch 1 (specialised)
         and batch 2 (which makes the batch dimension dynamic). Raises if compilation fails (e.g. no C++
         compiler), leaving the eager paths in place."""
         self._mixer_step = torch.compile(mixer_residual_step)
@@ -215,10 +215,12 @@ class HybridLM(nn.Module):
         for block in self.layers:
             block.mixer.scan_chunk = chunk
         device = self.embeddings.weight.device
-        try:
+        try:  # warm up as the engine calls: decode in place into the pool, prefill chunk after chunk
             for batch in (1, 2):
-                self.decode(torch.zeros(batch, dtype=torch.long, device=device), self.empty_state(batch))
-                self.prefill(torch.zeros(batch, 3, dtype=torch.long, device=device), self.empty_state(batch))
+                state = self.empty_state(batch)
+                self.decode(torch.zeros(batch, dtype=torch.long, device=device), state, out=state)
+            _, state = self.prefill(torch.zeros(1, 3, dtype=torch.long, device=device), self.empty_state(1))
+            self.prefill(torch.zeros(1, 3, dtype=torch.long, device=device), state)
         except Exception:
             self._mixer_step = None
             for block in self.layers:
