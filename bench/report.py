@@ -35,7 +35,7 @@ def prefill_table(r: dict) -> list[str]:
         "| system (fp32) | " + " | ".join(f"prefill tok/s, {n} tokens" for n in lengths) + " |",
         "|---|" + "---:|" * len(lengths),
     ]
-    for system in ("ours", "llama.cpp", "transformers"):
+    for system in (*OURS, "llama.cpp", "transformers"):
         if any((system, n) in r["prefill"] for n in lengths):
             rows.append(f"| {system} | " + " | ".join(fmt(r["prefill"].get((system, n))) for n in lengths) + " |")
     return rows
@@ -83,7 +83,7 @@ def targets(r: dict) -> list[str]:
     if http and r.get("offline_32"):
         ratio = (http.get("steady_tokens_per_s") or 0) / r["offline_32"]
         check("HTTP, 32 clients (all streaming) vs offline engine at batch 32", ratio, 0.85)
-    pre = _med(r["prefill"], ("ours", r["args"]["prefill"][0]))
+    pre = _med(r["prefill"], (BEST, r["args"]["prefill"][0]))
     check("prefill per sequence vs decode (batch 1)", pre / ours1 if pre and ours1 else None, 10)
     return ["| target | measured | goal | |", "|---|---:|---:|---|", *out]
 
@@ -106,7 +106,9 @@ def write(r: dict, out_dir: Path) -> None:
         *prefill_table(r),
         "",
         f"Roofline on this machine (best of MKL and oneDNN): fp32 matmul {roof['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 "
-        f"{roof['bf16_flops'] / 1e9:.0f} GFLOP/s, memory read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s.",
+        f"{roof['bf16_flops'] / 1e9:.0f} GFLOP/s, memory read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s "
+        f"(the higher of {' and '.join(f'{x / 1e9:.1f}' for x in roof['read_samples'])}, before and after the "
+        f"decode runs).",
         "",
         f"O(1) decode: one step at position 100 takes {lat[100] * 1000:.2f} ms, at position {far} "
         f"{lat[far] * 1000:.2f} ms (ratio {lat[far] / lat[100]:.3f}).",
@@ -119,12 +121,13 @@ def write(r: dict, out_dir: Path) -> None:
     ]
     if srv.get("http_32"):
         h = srv["http_32"]
+        num = lambda x: "not measured" if x is None else f"{x:.1f}"  # noqa: E731 (--quick has no batch 32)
         lines += [
             f"HTTP: 32 concurrent streaming clients (the server started with --compile; the clients run on the "
-            f"same 2 cores): {h['steady_tokens_per_s']:.1f} tokens/s aggregate while all 32 stream, "
+            f"same 2 cores): {num(h['steady_tokens_per_s'])} tokens/s aggregate while all 32 stream, "
             f"{h['tokens_per_s']:.1f} over the whole run including start-up and ramp; inter-token latency p50 "
             f"{h['itl_p50_ms']:.1f} ms, p99 {h['itl_p99_ms']:.1f} ms; the offline engine at batch 32: "
-            f"{r['offline_32']:.1f} tokens/s.",
+            f"{num(r['offline_32'])} tokens/s.",
             "",
         ]
     lines += [
