@@ -28,10 +28,19 @@ def machine_line() -> str:
     )
 
 
-def repeat(n: int, fn: Callable[..., float], *args) -> dict:
-    """Run fn(*args) (returning a figure) n times: median and spread (min..max)."""
-    values = [fn(*args) for _ in range(n)]
+def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def interleaved(n: int, runs: dict) -> dict:
+    """{key: (fn, *args)} -> {key: summary}, running every key once per round for n rounds. On a shared VM
+    whose speed drifts (its memory bandwidth moves with the neighbours' load), round-robin spreads the drift
+    over all systems instead of handing it to whichever ran during a slow minute."""
+    values: dict = {key: [] for key in runs}
+    for _ in range(n):
+        for key, (fn, *args) in runs.items():
+            values[key].append(fn(*args))
+    return {key: summary(v) for key, v in values.items()}
 
 
 def fmt(stat: dict | None, digits: int = 1) -> str:

@@ -52,14 +52,16 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
         variants = {system: load_ours(hf_dir, dtype, *flags) for system, flags in OURS.items()}
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
-            for system, (model, tok) in variants.items():
-                out[(system, name, b)] = common.repeat(n, ours.decode_tokens_per_s, model, tok, b, args.tokens)
-            out[("transformers", name, b)] = common.repeat(n, hf_bench.decode_tokens_per_s, ref, b, args.tokens)
+            runs = {
+                (system, name, b): (ours.decode_tokens_per_s, model, tok, b, args.tokens)
+                for system, (model, tok) in variants.items()
+            }
+            runs[("transformers", name, b)] = (hf_bench.decode_tokens_per_s, ref, b, args.tokens)
             if gguf is not None:
                 from bench import llamacpp
 
-                path = str(gguf[dtype])
-                out[("llama.cpp", name, b)] = common.repeat(n, llamacpp.decode_tokens_per_s, path, b, args.tokens)
+                runs[("llama.cpp", name, b)] = (llamacpp.decode_tokens_per_s, str(gguf[dtype]), b, args.tokens)
+            out.update(common.interleaved(n, runs))
             print({k: round(v["median"], 1) for k, v in out.items() if k[2] == b and k[1] == name}, flush=True)
     return out
 
@@ -69,14 +71,13 @@ def prefill_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
     variants = {system: load_ours(hf_dir, torch.float32, *OURS[system]) for system in ("ours --compile", "ours")}
     ref = hf_bench.load(hf_dir, torch.float32)
     for length in args.prefill:
-        for system, (model, _) in variants.items():
-            out[(system, length)] = common.repeat(args.repeats, ours.prefill_tokens_per_s, model, length)
-        out[("transformers", length)] = common.repeat(args.repeats, hf_bench.prefill_tokens_per_s, ref, length)
+        runs = {(system, length): (ours.prefill_tokens_per_s, model, length) for system, (model, _) in variants.items()}
+        runs[("transformers", length)] = (hf_bench.prefill_tokens_per_s, ref, length)
         if gguf is not None:
             from bench import llamacpp
 
-            path = str(gguf[torch.float32])
-            out[("llama.cpp", length)] = common.repeat(args.repeats, llamacpp.prefill_tokens_per_s, path, length)
+            runs[("llama.cpp", length)] = (llamacpp.prefill_tokens_per_s, str(gguf[torch.float32]), length)
+        out.update(common.interleaved(args.repeats, runs))
     return out
 
 

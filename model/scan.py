@@ -7,7 +7,7 @@ The recurrence, per channel d and state index n:
     y_t = <h_t, C_t> + D * x_t
 All of it runs in fp32 whatever the weight dtype: the state accumulates over thousands of steps.
 
-Two implementations, held equal by tests/test_scan.py:
+Three implementations, held equal by tests/test_scan.py:
   * `selective_scan_ref`: the textbook loop. It materialises exp(delta*A) and delta*B*x for the whole
     sequence, O(B*L*Di*N) memory, and is what autograd differentiates in training. The loop iterates over
     `unbind(1)` slices: indexing `t` inside the loop makes the backward pass quadratic in L
