@@ -99,7 +99,8 @@ def write(r: dict, out_dir: Path) -> None:
         f"24 layers, vocab 50280 (mamba-130m size); llama.cpp runs the GGUF f32 / bf16 converted from it. Greedy, "
         f"{r['args']['tokens']} new tokens after a 16-token prompt; batch = concurrent sequences. Our engine "
         f"runs as `python -m server` would with each flag: `ours` the default (Linear weights packed for oneDNN), "
-        f"`ours --compile` also with the torch.compile'd decode step, `ours --no-pack-weights` plain F.linear (MKL).",
+        f"`ours --compile` also with the torch.compile'd decode step and prefill scan, `ours --no-pack-weights` "
+        f"plain F.linear (MKL); systems run round-robin within each repeat.",
         "",
         *decode_table(r),
         "",
@@ -151,6 +152,21 @@ def write(r: dict, out_dir: Path) -> None:
     print("\n".join(lines))
 
 
+def load(path: Path) -> dict:
+    """results.json back into the dict `write` takes (JSON turned its tuple and int keys into strings)."""
+    r = json.loads(path.read_text())
+    ints = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731
+    key = lambda k: tuple(int(p) if p.isdigit() else p for p in k.split(" / "))  # noqa: E731
+    return {
+        **r,
+        "decode": {key(k): v for k, v in r["decode"].items()},
+        "prefill": {key(k): v for k, v in r["prefill"].items()},
+        "latency": ints(r["latency"]),
+        "default_model": ints(r["default_model"]),
+        "memory": {**r["memory"], "kv_bytes": ints(r["memory"]["kv_bytes"])},
+    }
+
+
 def plot(r: dict, path: Path) -> None:
     import matplotlib
 
@@ -172,3 +188,8 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # re-render results.md and the plot from results.json, e.g. after editing this file
+    out = Path(__file__).resolve().parent / "results"
+    write(load(out / "results.json"), out)
