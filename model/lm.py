@@ -69,26 +69,33 @@ class Block(nn.Module):
         h, router = self._feed_forward(h + y)
         return h, conv, ssm, router
 
-    def step(self, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor, out_ssm: Tensor, mixer_step=None) -> Tensor:
-        """h: (B, D) -> (B, D); the new conv (B, Di, K) and ssm (B, Di, N) are written to out_conv, out_ssm.
+    def step(
+        self, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor | None, out_ssm: Tensor | None, mixer_step=None
+    ) -> Tensor:
+        """h: (B, D) -> (B, D); the new conv (B, Di, K) and ssm (B, Di, N) are written to out_conv, out_ssm, or
+        over conv, ssm when those are None.
 
         `mixer_step` is `mixer_residual_step` or its compiled twin (HybridLM.compile_inference)."""
         h = (mixer_step or mixer_residual_step)(self, h, conv, ssm, out_conv, out_ssm)
         return self._feed_forward(h)[0]
 
 
-def mixer_residual_step(block: Block, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor, out_ssm: Tensor):
-    """h + mixer(norm(h)) for one token per sequence, the new state written to out_conv / out_ssm.
+def mixer_residual_step(
+    block: Block, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor | None, out_ssm: Tensor | None
+) -> Tensor:
+    """h + mixer(norm(h)) for one token per sequence, the new state written to out_conv / out_ssm, or over
+    conv / ssm in place when those are None.
 
     A free function so that one torch.compile of it serves every layer (the block's parameters become
     graph inputs): compiled, the norm, conv, SSM update and gate fuse into three loops around the four
     projections, and the SSM state is written straight into `out_ssm` (the pool) instead of being
     materialised, added and copied (~10 passes over B x Di x N fp32 per layer when eager). Run eagerly it is
-    the reference the compiled one is tested against. `out_*` may be `conv` / `ssm` themselves: the old
-    state is read before the new one is written."""
+    the reference the compiled one is tested against. In place is asked for with None, never by passing
+    the same tensor twice: aliased inputs that a graph mutates send torch.compile down a path that, in torch
+    2.13, ran the graph on the wrong arguments (tests/test_model.py caught it on a fresh compile cache)."""
     y, new_conv, new_ssm = block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), conv, ssm)
-    out_conv.copy_(new_conv)
-    out_ssm.copy_(new_ssm)
+    (conv if out_conv is None else out_conv).copy_(new_conv)  # the old state was read above
+    (ssm if out_ssm is None else out_ssm).copy_(new_ssm)
     return h + y  # (B, D)
 
 
@@ -198,10 +205,12 @@ class HybridLM(nn.Module):
 
         The new state is written into `out` when given (it may be `state` itself: each layer reads its rows
         before writing them), else into fresh tensors. `state` is never modified unless it is `out`."""
+        in_place = out is state
         out = out or ModelState(torch.empty_like(state.conv), torch.empty_like(state.ssm))
         h = self._embed(tokens)  # (B, D)
         for i, block in enumerate(self.layers):
-            h = block.step(h, state.conv[i], state.ssm[i], out.conv[i], out.ssm[i], self._mixer_step)
+            dst = (None, None) if in_place else (out.conv[i], out.ssm[i])
+            h = block.step(h, state.conv[i], state.ssm[i], *dst, self._mixer_step)
         return self._logits(h), out
 
     def compile_inference(self) -> None:
