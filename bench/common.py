@@ -12,6 +12,10 @@ import torch
 
 from model.packed import PackedLinear, can_pack
 
+# Our engine as `python -m server` serves it with each flag: (pack weights for oneDNN, compile the decode step
+# and prefill scan). Packing is the default; plain F.linear is the reference path and what MKL alone gives.
+OURS = {"ours --compile": (True, True), "ours": (True, False), "ours --no-pack-weights": (False, False)}
+
 
 def machine_line() -> str:
     cpu = "unknown CPU"

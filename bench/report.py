@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.common import fmt
+from bench.common import OURS, fmt
 
-OURS = ("ours --compile", "ours", "ours --no-pack-weights")
-BEST = OURS[0]  # the targets are checked on our fastest configuration
+BEST = "ours --compile"  # the targets are checked on our fastest configuration
 SYSTEMS = [(system, dtype) for dtype in ("float32", "bfloat16") for system in (*OURS, "llama.cpp", "transformers")]
 
 

@@ -30,11 +30,6 @@ WORK = ROOT / "bench" / "work"
 DEFAULT_MODEL = ROOT / "checkpoints" / "aetheris-hybrid"
 
 
-# Our engine as `python -m server` serves it with each flag: weights packed for oneDNN (the default) and the
-# decode step and prefill scan compiled, packed only, and plain F.linear (the reference path, and what MKL alone gives).
-OURS = {"ours --compile": (True, True), "ours": (True, False), "ours --no-pack-weights": (False, False)}
-
-
 def load_ours(path: Path, dtype: torch.dtype = torch.float32, pack: bool = True, compile: bool = True):
     model, tok = load_model(path, dtype=dtype)
     if pack:
@@ -49,7 +44,7 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
     n = args.repeats
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[1]
-        variants = {system: load_ours(hf_dir, dtype, *flags) for system, flags in OURS.items()}
+        variants = {system: load_ours(hf_dir, dtype, *flags) for system, flags in common.OURS.items()}
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
             runs = {
@@ -68,7 +63,7 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
 
 def prefill_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
     out: dict = {}
-    variants = {system: load_ours(hf_dir, torch.float32, *OURS[system]) for system in ("ours --compile", "ours")}
+    variants = {system: load_ours(hf_dir, torch.float32, *common.OURS[system]) for system in ("ours --compile", "ours")}
     ref = hf_bench.load(hf_dir, torch.float32)
     for length in args.prefill:
         runs = {(system, length): (ours.prefill_tokens_per_s, model, length) for system, (model, _) in variants.items()}

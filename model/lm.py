@@ -219,10 +219,7 @@ class HybridLM(nn.Module):
         data-dependent shapes, stay eager) and prefill's scan chunk (scan.py); decode at batch 1 (specialised)
         and batch 2 (which makes the batch dimension dynamic). Raises if compilation fails (e.g. no C++
         compiler), leaving the eager paths in place."""
-        self._mixer_step = torch.compile(mixer_residual_step)
-        chunk = torch.compile(scan_chunk)
-        for block in self.layers:
-            block.mixer.scan_chunk = chunk
+        self._use_compiled(torch.compile(mixer_residual_step), torch.compile(scan_chunk))
         device = self.embeddings.weight.device
         try:  # warm up as the engine calls: decode in place into the pool, prefill chunk after chunk
             for batch in (1, 2):
@@ -231,10 +228,14 @@ class HybridLM(nn.Module):
             _, state = self.prefill(torch.zeros(1, 3, dtype=torch.long, device=device), self.empty_state(1))
             self.prefill(torch.zeros(1, 3, dtype=torch.long, device=device), state)
         except Exception:
-            self._mixer_step = None
-            for block in self.layers:
-                block.mixer.scan_chunk = None
+            self._use_compiled(None, None)
             raise
+
+    def _use_compiled(self, mixer_step, scan_chunk) -> None:
+        """Decode through `mixer_step` and prefill through `scan_chunk` (None: the eager paths)."""
+        self._mixer_step = mixer_step
+        for block in self.layers:
+            block.mixer.scan_chunk = scan_chunk
 
     # ---------------------------------------------------------------- introspection
     def moe_layers(self) -> dict[int, MoE]:

@@ -38,3 +38,28 @@ def make_tiny_checkpoint(directory: Path, **kw) -> Path:
     tok = toy_tokenizer()
     model = HybridLM(tiny_config(tok.vocab_size, **kw))
     return save_checkpoint(model, directory, tok)
+
+
+def jamba_config(**kw):
+    """A tiny HF JambaConfig: 4 layers, MoE (4 experts, top-2) on layers 1 and 3, attention placed past the last
+    layer (attention-free, which is what we load) unless `kw` moves it. transformers is a test dependency."""
+    import transformers
+
+    base = dict(
+        vocab_size=173,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=5,
+        attn_layer_offset=4,
+        mamba_d_state=8,
+        mamba_dt_rank=5,
+        use_mamba_kernels=False,
+    )
+    return transformers.JambaConfig(**{**base, **kw})

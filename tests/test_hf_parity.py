@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import load_model
+from tests.helpers import jamba_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")
 
@@ -84,29 +85,8 @@ def test_sharded_checkpoint(tmp_path):
     assert diff <= 1e-4
 
 
-def _jamba_config(**kw):
-    base = dict(
-        vocab_size=173,
-        hidden_size=32,
-        intermediate_size=56,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-        expert_layer_period=2,
-        expert_layer_offset=1,
-        attn_layer_period=5,
-        attn_layer_offset=4,
-        mamba_d_state=8,
-        mamba_dt_rank=5,
-        use_mamba_kernels=False,
-    )
-    return transformers.JambaConfig(**{**base, **kw})
-
-
 def test_jamba_attention_free_moe_parity(tmp_path):
-    hf = transformers.JambaForCausalLM(_jamba_config()).eval()
+    hf = transformers.JambaForCausalLM(jamba_config()).eval()
     hf.save_pretrained(tmp_path)
     tokens = torch.randint(0, 173, (2, 11))
     diff, ours = _ours_vs_hf(hf, tmp_path, tokens)
@@ -115,7 +95,7 @@ def test_jamba_attention_free_moe_parity(tmp_path):
 
 
 def test_jamba_with_attention_refused(tmp_path):
-    hf = transformers.JambaForCausalLM(_jamba_config(attn_layer_period=2, attn_layer_offset=1))
+    hf = transformers.JambaForCausalLM(jamba_config(attn_layer_period=2, attn_layer_offset=1))
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"attention layers \[1, 3\].*not supported"):
         load_model(tmp_path)
@@ -123,7 +103,7 @@ def test_jamba_with_attention_refused(tmp_path):
 
 def test_jamba_per_expert_names_on_disk(tmp_path):
     """Whatever transformers writes, a checkpoint with per-expert tensor names loads too."""
-    hf = transformers.JambaForCausalLM(_jamba_config()).eval()
+    hf = transformers.JambaForCausalLM(jamba_config()).eval()
     hf.save_pretrained(tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
     split = {}

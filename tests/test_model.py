@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model import HybridLM, LayerSpec, ModelConfig, ModelState, preset
+from model.packed import pack_linears
 
 LAYOUTS = {
     "mamba": dict(layers=[LayerSpec("mamba", None)] * 3),
@@ -164,14 +165,18 @@ def test_decode_in_place_equals_fresh_state():
     assert torch.equal(state.conv, fresh.conv) and torch.equal(state.ssm, fresh.ssm)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("layout", ["moe-mamba", "jamba"])
-def test_compiled_inference_equals_eager(layout):
-    """The torch.compile'd prefill scan and mixer step (fused kernels, state stored straight into `out`)
-    against the eager reference, at batch 1 (specialised graphs) and batch 3 (dynamic batch), a prompt longer
-    than one scan chunk, decode in place and not."""
+def test_compiled_inference_equals_eager(layout, packed):
+    """The torch.compile'd prefill scan and mixer step (fused kernels, state stored straight into `out`), on
+    plain or oneDNN-packed projections (the serving fast path), against the plain eager reference, at batch 1
+    (specialised graphs) and batch 3 (dynamic batch), a prompt longer than one scan chunk, decode in place
+    and not."""
     eager = tiny(layout)
     compiled = tiny(layout)
     compiled.load_state_dict(eager.state_dict())
+    if packed:
+        pack_linears(compiled)
     compiled.compile_inference()
     for batch in (1, 3):
         prompt = torch.randint(0, 97, (batch, 21))

@@ -11,7 +11,7 @@ import pytest
 
 from model import HybridLM
 from model.checkpoint import save_checkpoint
-from tests.helpers import TOY_TEXT, tiny_config, toy_tokenizer
+from tests.helpers import TOY_TEXT, jamba_config, tiny_config, toy_tokenizer
 from training.router_analysis import analyze
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,21 +78,7 @@ def test_analyze_router_on_a_jamba_checkpoint(tmp_path):
     """An HF JambaForCausalLM dir (MoE every other layer, top-2) with a tokenizer beside it: the CLI path."""
     transformers = pytest.importorskip("transformers", reason="transformers writes the Jamba checkpoint")
     tok = toy_tokenizer()
-    cfg = transformers.JambaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=56,
-        num_hidden_layers=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-        expert_layer_period=2,
-        expert_layer_offset=1,
-        attn_layer_period=5,  # past the last layer: attention-free, which is what we load
-        attn_layer_offset=4,
-        mamba_d_state=8,
-        mamba_dt_rank=5,
-        use_mamba_kernels=False,
-    )
+    cfg = jamba_config(vocab_size=tok.vocab_size)
     transformers.JambaForCausalLM(cfg).save_pretrained(tmp_path / "jamba")
     tok.save(tmp_path / "jamba")
     text = " ".join(TOY_TEXT[:4])
