@@ -93,7 +93,9 @@ def selective_scan_chunked(
 
     def chunks(t: Tensor) -> Tensor:  # (B, L, X) -> (n, B, CHUNK, X), zero-padded
         t = torch.nn.functional.pad(t, (0, 0, 0, n * CHUNK - L))
-        return t.view(Bsz, n, CHUNK, -1).transpose(0, 1).contiguous()
+        # clone, not .contiguous(): at B = 1 the transposed view already counts as contiguous and would keep
+        # a batch stride that grows with n, which a compiled chunk_fn would have to recompile for
+        return t.view(Bsz, n, CHUNK, -1).transpose(0, 1).clone(memory_format=torch.contiguous_format)
 
     deltas, xs, Bs, Cs = chunks(delta), chunks(x), chunks(B_ssm), chunks(C_ssm)
     h, ys = h0.contiguous(), []
