@@ -130,7 +130,7 @@ def main() -> None:
         "read_samples": [common.read_bandwidth()],
     }
     report["decode"] = decode_suite(args, hf_dir, gguf)
-    # The memory bandwidth of this shared VM moves with its neighbours' load (seen: 46 to 84 GB/s within an
+    # The memory bandwidth of this shared VM moves with its neighbours' load (seen: 45 to 84 GB/s within an
     # hour), so it is sampled before and after the decode runs and the higher figure is the roofline.
     report["roofline"]["read_samples"].append(common.read_bandwidth())
     report["roofline"]["read_bytes_per_s"] = max(report["roofline"]["read_samples"])

@@ -7,7 +7,8 @@ weights stream from memory. `F.linear` with a row-major (O, I) weight goes to MK
 takes no AVX-512 path on AMD CPUs: on the benchmark VM (Zen 5) it streamed mamba-130m's projections at ~20 GB/s
 at M = 1 (one thread does the work) and 8-15 GB/s at M = 8-32, against ~85 GB/s of read bandwidth. The same
 weights reordered once into oneDNN's blocked layout and multiplied by `mkldnn._linear_pointwise` streamed at
-42-85 GB/s (2-3x; bench/results shows what it does to decode). This is the rewrite that torch.compile's
+42-85 GB/s at M = 1-8 and 22-24 GB/s at M = 32, where the arithmetic bounds it (2-3x; bench/results shows
+what it does to decode). This is the rewrite that torch.compile's
 freezing pass does for CPU inference; done here explicitly, the eager engine gets it, the model stays
 unfrozen, and `nn.Linear` stays the reference a test holds it equal to.
 
