@@ -5,7 +5,7 @@ import torch
 
 from model.checkpoint import save_checkpoint
 from model.packed import PackedLinear, can_pack, pack_linears
-from tests.test_model import LAYOUTS, tiny
+from tests.model.test_model import LAYOUTS, tiny
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 

@@ -13,7 +13,7 @@ import openai
 from model.checkpoint import load_model
 from tests.serverproc import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "checkpoints" / "aetheris-hybrid"
 
 

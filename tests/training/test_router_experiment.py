@@ -14,7 +14,7 @@ from model.checkpoint import save_checkpoint
 from tests.helpers import TOY_TEXT, jamba_config, tiny_config, toy_tokenizer
 from training.router_analysis import analyze
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

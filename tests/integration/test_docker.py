@@ -21,7 +21,7 @@ import pytest
 
 from tests.dockerenv import DockerEngine, local_torch_index, stand_in_python_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = os.environ.get("AETHERIS_REQUIRE_DOCKER") == "1"
 MARKER = "# ---- everything below is identical"
 

@@ -16,7 +16,7 @@ from training.config import ConfigError, load_config, parse_config
 from training.data import pack, prepare_data, read_documents
 from training.trainer import Trainer, batch_indices
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STORIES = [
     "Once upon a time there was a little cat named Tom. Tom liked to play with a red ball in the garden.",
     "One day, Lily went to the park with her mom. She saw a big dog and said hello to it.",
