@@ -15,6 +15,13 @@ def _med(d: dict, key) -> float | None:
     return d[key]["median"] if key in d else None
 
 
+def _cell(r: dict, table: str, system: str, dtype: str, key) -> str:
+    """A measured figure, 'n/s' where this machine cannot run the configuration, '-' where it was not run."""
+    if f"{system} / {dtype}" in r.get("unsupported", {}):
+        return "n/s"
+    return fmt(r.get(table, {}).get(key))
+
+
 def decode_table(r: dict) -> list[str]:
     batches = r["args"]["batches"]
     rows = [
@@ -22,8 +29,9 @@ def decode_table(r: dict) -> list[str]:
         "|---|---|" + "---:|" * len(batches),
     ]
     for system, dtype in SYSTEMS:
-        if any((system, dtype, b) in r["decode"] for b in batches):
-            cells = [fmt(r["decode"].get((system, dtype, b))) for b in batches]
+        shown = any((system, dtype, b) in r.get("decode", {}) for b in batches)
+        if shown or f"{system} / {dtype}" in r.get("unsupported", {}):
+            cells = [_cell(r, "decode", system, dtype, (system, dtype, b)) for b in batches]
             rows.append(f"| {system} | {dtype} | " + " | ".join(cells) + " |")
     return rows
 
@@ -35,12 +43,17 @@ def prefill_table(r: dict) -> list[str]:
         "|---|" + "---:|" * len(lengths),
     ]
     for system in (*OURS, "llama.cpp", "transformers"):
-        if any((system, n) in r["prefill"] for n in lengths):
-            rows.append(f"| {system} | " + " | ".join(fmt(r["prefill"].get((system, n))) for n in lengths) + " |")
+        if any((system, n) in r.get("prefill", {}) for n in lengths) or f"{system} / float32" in r.get(
+            "unsupported", {}
+        ):
+            cells = [_cell(r, "prefill", system, "float32", (system, n)) for n in lengths]
+            rows.append(f"| {system} | " + " | ".join(cells) + " |")
     return rows
 
 
 def targets(r: dict) -> list[str]:
+    if not all(k in r for k in ("decode", "roofline", "memory", "latency", "prefill", "server")):
+        return ["Targets not checked: a stage they need did not run (see above)."]
     d, roof = r["decode"], r["roofline"]
     mem = r["memory"]
     out = []
@@ -87,10 +100,8 @@ def targets(r: dict) -> list[str]:
     return ["| target | measured | goal | |", "|---|---:|---:|---|", *out]
 
 
-def write(r: dict, out_dir: Path) -> None:
-    roof, mem, lat, srv = r["roofline"], r["memory"], r["latency"], r["server"]
-    far = max(lat, key=int)
-    lines = [
+def _intro(r: dict) -> list[str]:
+    return [
         "# Benchmarks",
         "",
         f"Machine: {r['machine']}. Run {r['date']}, `{r.get('command', 'python bench/run.py')}`; "
@@ -101,22 +112,45 @@ def write(r: dict, out_dir: Path) -> None:
         f"`ours --compile` also with the torch.compile'd decode step and prefill scan, `ours --no-pack-weights` "
         f"plain F.linear (MKL); systems run round-robin within each repeat.",
         "",
-        *decode_table(r),
-        "",
-        *prefill_table(r),
-        "",
-        f"Roofline on this machine (best of MKL and oneDNN): fp32 matmul {roof['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 "
-        f"{roof['bf16_flops'] / 1e9:.0f} GFLOP/s, memory read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s "
-        f"(the higher of {' and '.join(f'{x / 1e9:.1f}' for x in roof['read_samples'])}, before and after the "
-        f"decode runs).",
-        "",
-        f"O(1) decode: one step at position 100 takes {lat[100] * 1000:.2f} ms, at position {far} "
-        f"{lat[far] * 1000:.2f} ms (ratio {lat[far] / lat[100]:.3f}).",
-        "",
-        f"Memory: recurrent state {mem['state_bytes'] / 2**20:.2f} MiB per sequence, whatever its length; a "
-        f"same-width transformer's fp32 KV cache would hold {mem['kv_bytes'][4096] / 2**20:.0f} MiB at 4k tokens "
-        f"and {mem['kv_bytes'][32768] / 2**20:.0f} MiB at 32k. Server peak RSS: {srv['rss_1_mb']:.0f} MiB with "
-        f"1 live sequence, {srv['rss_32_mb']:.0f} MiB with 32.",
+    ]
+
+
+def _machine_lines(r: dict) -> list[str]:
+    lines = []
+    if "roofline" in r:
+        roof = r["roofline"]
+        lines += [
+            f"Roofline on this machine (best of MKL and oneDNN): fp32 matmul {roof['fp32_flops'] / 1e9:.0f} GFLOP/s, "
+            f"bf16 {roof['bf16_flops'] / 1e9:.0f} GFLOP/s, memory read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s "
+            f"(the higher of {' and '.join(f'{x / 1e9:.1f}' for x in roof['read_samples'])}, before and after the "
+            f"decode runs).",
+            "",
+        ]
+    if "latency" in r:
+        lat = r["latency"]
+        far = max(lat, key=int)
+        lines += [
+            f"O(1) decode: one step at position 100 takes {lat[100] * 1000:.2f} ms, at position {far} "
+            f"{lat[far] * 1000:.2f} ms (ratio {lat[far] / lat[100]:.3f}).",
+            "",
+        ]
+    if "memory" in r:
+        mem = r["memory"]
+        lines += [
+            f"Memory: recurrent state {mem['state_bytes'] / 2**20:.2f} MiB per sequence, whatever its length; a "
+            f"same-width transformer's fp32 KV cache would hold {mem['kv_bytes'][4096] / 2**20:.0f} MiB at 4k "
+            f"tokens and {mem['kv_bytes'][32768] / 2**20:.0f} MiB at 32k.",
+            "",
+        ]
+    return lines
+
+
+def _server_lines(r: dict) -> list[str]:
+    srv = r.get("server")
+    if not srv:
+        return []
+    lines = [
+        f"Server peak RSS: {srv['rss_1_mb']:.0f} MiB with 1 live sequence, {srv['rss_32_mb']:.0f} MiB with 32.",
         "",
     ]
     if srv.get("http_32"):
@@ -127,28 +161,49 @@ def write(r: dict, out_dir: Path) -> None:
             f"same 2 cores): {num(h['steady_tokens_per_s'])} tokens/s aggregate while all 32 stream, "
             f"{h['tokens_per_s']:.1f} over the whole run including start-up and ramp; inter-token latency p50 "
             f"{h['itl_p50_ms']:.1f} ms, p99 {h['itl_p99_ms']:.1f} ms; the offline engine at batch 32: "
-            f"{num(r['offline_32'])} tokens/s.",
+            f"{num(r.get('offline_32'))} tokens/s.",
             "",
         ]
-    lines += [
-        "Our default model (checkpoints/aetheris-hybrid), decode tokens/s: "
-        + ", ".join(f"batch {b}: {v:.0f}" for b, v in r["default_model"].items())
-        + ".",
-        "",
-        "## Targets",
-        "",
-        *targets(r),
-        "",
-    ]
+    return lines
+
+
+def _gaps(r: dict) -> list[str]:
+    lines = [f"- n/s, {k}: not supported on this machine ({why})." for k, why in r.get("unsupported", {}).items()]
+    lines += [f"- stage {k} failed: {why}" for k, why in r.get("failed", {}).items()]
+    return [*lines, ""] if lines else []
+
+
+def write(r: dict, out_dir: Path) -> None:
+    if "roofline" in r:
+        r["roofline"]["read_bytes_per_s"] = max(r["roofline"]["read_samples"])
+    lines = [*_intro(r), *_gaps(r)]
+    if "decode" in r:
+        lines += [*decode_table(r), ""]
+    if "prefill" in r:
+        lines += [*prefill_table(r), ""]
+    lines += [*_machine_lines(r), *_server_lines(r)]
+    if "default_model" in r:
+        lines += [
+            "Our default model (checkpoints/aetheris-hybrid), decode tokens/s: "
+            + ", ".join(f"batch {b}: {v:.0f}" for b, v in r["default_model"].items())
+            + ".",
+            "",
+        ]
+    lines += ["## Targets", "", *targets(r), ""]
     (out_dir / "results.md").write_text("\n".join(lines))
-    serial = {
-        **r,
-        "decode": {" / ".join(map(str, k)): v for k, v in r["decode"].items()},
-        "prefill": {" / ".join(map(str, k)): v for k, v in r["prefill"].items()},
-    }
-    (out_dir / "results.json").write_text(json.dumps(serial, indent=2) + "\n")
-    plot(r, out_dir / "decode.png")
+    (out_dir / "results.json").write_text(to_json(r))
+    if "decode" in r:
+        plot(r, out_dir / "decode.png")
     print("\n".join(lines))
+
+
+def to_json(r: dict) -> str:
+    """JSON keys are strings: the (system, dtype, batch) keys are joined with ' / ' (`load` splits them)."""
+    serial = {**r}
+    for table in ("decode", "prefill"):
+        if table in r:
+            serial[table] = {" / ".join(map(str, k)): v for k, v in r[table].items()}
+    return json.dumps(serial, indent=2) + "\n"
 
 
 def load(path: Path) -> dict:
@@ -156,14 +211,15 @@ def load(path: Path) -> dict:
     r = json.loads(path.read_text())
     ints = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731
     key = lambda k: tuple(int(p) if p.isdigit() else p for p in k.split(" / "))  # noqa: E731
-    return {
-        **r,
-        "decode": {key(k): v for k, v in r["decode"].items()},
-        "prefill": {key(k): v for k, v in r["prefill"].items()},
-        "latency": ints(r["latency"]),
-        "default_model": ints(r["default_model"]),
-        "memory": {**r["memory"], "kv_bytes": ints(r["memory"]["kv_bytes"])},
-    }
+    for table in ("decode", "prefill"):
+        if table in r:
+            r[table] = {key(k): v for k, v in r[table].items()}
+    for table in ("latency", "default_model"):
+        if table in r:
+            r[table] = ints(r[table])
+    if "memory" in r:
+        r["memory"] = {**r["memory"], "kv_bytes": ints(r["memory"]["kv_bytes"])}
+    return r
 
 
 def plot(r: dict, path: Path) -> None:

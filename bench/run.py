@@ -21,30 +21,53 @@ import torch  # noqa: E402
 from bench import common, ours  # noqa: E402
 from bench import hf as hf_bench  # noqa: E402
 from bench import http_load as http_bench  # noqa: E402
+from bench.report import to_json, write  # noqa: E402
 from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.packed import pack_linears  # noqa: E402
+from model.packed import can_pack, pack_linears  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"
 DEFAULT_MODEL = ROOT / "checkpoints" / "aetheris-hybrid"
 
 
+class NotSupported(Exception):
+    """This CPU (or toolchain) cannot run a configuration; the report marks it instead of measuring it."""
+
+
 def load_ours(path: Path, dtype: torch.dtype = torch.float32, pack: bool = True, compile: bool = True):
     model, tok = load_model(path, dtype=dtype)
     if pack:
+        if not can_pack(model):
+            raise NotSupported(f"oneDNN weight packing in {dtype} (this CPU has no bf16 instructions)")
         pack_linears(model)
     if compile:
-        model.compile_inference()
+        try:
+            model.compile_inference()
+        except Exception as e:  # no C++ compiler, or inductor cannot build for this CPU
+            raise NotSupported(f"torch.compile ({type(e).__name__})") from e
     return model, tok
 
 
-def decode_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
+def load_variants(path: Path, dtype: torch.dtype, systems, unsupported: dict) -> dict:
+    """{system: (model, tok)} for the systems this machine runs; the rest go to `unsupported` with the reason."""
+    name = str(dtype).split(".")[1]
+    variants = {}
+    for system in systems:
+        try:
+            variants[system] = load_ours(path, dtype, *common.OURS[system])
+        except NotSupported as e:
+            unsupported[f"{system} / {name}"] = str(e)
+            print(f"{system} {name}: not supported here: {e}", flush=True)
+    return variants
+
+
+def decode_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> dict:
     out: dict = {}
     n = args.repeats
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[1]
-        variants = {system: load_ours(hf_dir, dtype, *flags) for system, flags in common.OURS.items()}
+        variants = load_variants(hf_dir, dtype, common.OURS, unsupported)
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
             runs = {
@@ -61,9 +84,9 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
     return out
 
 
-def prefill_suite(args, hf_dir: Path, gguf: dict | None) -> dict:
+def prefill_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> dict:
     out: dict = {}
-    variants = {system: load_ours(hf_dir, torch.float32, *common.OURS[system]) for system in ("ours --compile", "ours")}
+    variants = load_variants(hf_dir, torch.float32, ("ours --compile", "ours"), unsupported)
     ref = hf_bench.load(hf_dir, torch.float32)
     for length in args.prefill:
         runs = {(system, length): (ours.prefill_tokens_per_s, model, length) for system, (model, _) in variants.items()}
@@ -102,13 +125,14 @@ def main() -> None:
     p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--far", type=int, default=10_000, help="position of the far decode-latency probe")
     p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp (pip install llama-cpp-python)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where results.md / .json / .png go")
     p.add_argument("--quick", action="store_true", help="1 repeat, 32 tokens, batches 1 and 8, prefill 512")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.tokens, args.batches, args.prefill, args.far = 1, 32, [1, 8], [512], 2000
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     hf_dir = mamba_130m(WORK / "mamba-130m-random", tokenizer_dir=DEFAULT_MODEL)
     gguf = None
     if not args.no_llamacpp:
@@ -121,31 +145,58 @@ def main() -> None:
     report = {
         "machine": common.machine_line(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "args": vars(args),
+        "args": {**vars(args), "out": str(args.out)},
         "command": " ".join(["python bench/run.py", *sys.argv[1:]]),
+        "unsupported": {},
+        "failed": {},
     }
-    report["roofline"] = {
-        "fp32_flops": common.matmul_flops(torch.float32),
-        "bf16_flops": common.matmul_flops(torch.bfloat16),
-        "read_samples": [common.read_bandwidth()],
-    }
-    report["decode"] = decode_suite(args, hf_dir, gguf)
-    # The memory bandwidth of this shared VM moves with its neighbours' load (seen: 45 to 84 GB/s within an
-    # hour), so it is sampled before and after the decode runs and the higher figure is the roofline.
-    report["roofline"]["read_samples"].append(common.read_bandwidth())
-    report["roofline"]["read_bytes_per_s"] = max(report["roofline"]["read_samples"])
-    report["prefill"] = prefill_suite(args, hf_dir, gguf)
-    model, tok = load_ours(hf_dir)
-    report["latency"] = {pos: ours.decode_latency_at(model, pos) for pos in (100, args.far)}
-    report["memory"] = memory_figures(load_model(hf_dir)[0])  # unpacked: packed weights are not parameters
-    report["offline_32"] = ours.decode_tokens_per_s(model, tok, 32, args.tokens) if 32 in args.batches else None
-    default, default_tok = load_ours(DEFAULT_MODEL)
-    report["default_model"] = {b: ours.decode_tokens_per_s(default, default_tok, b, args.tokens) for b in args.batches}
-    del model
-    report["server"] = server_suite(args, hf_dir)
-    from bench.report import write
+    for name, stage in stages(args, hf_dir, gguf, report):
+        try:
+            stage()
+        except Exception as e:  # measure what this machine can run; one failed stage does not lose the others
+            report["failed"][name] = f"{type(e).__name__}: {e}"
+            print(f"stage {name} failed: {report['failed'][name]}", flush=True)
+        (args.out / "results.partial.json").write_text(to_json(report))  # a run that stops later keeps these
+    write(report, args.out)
 
-    write(report, RESULTS)
+
+def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
+    """(name, callable) in run order; each callable stores its figures in `report`."""
+    unsupported = report["unsupported"]
+
+    def roofline():
+        report["roofline"] = {
+            "fp32_flops": common.matmul_flops(torch.float32),
+            "bf16_flops": common.matmul_flops(torch.bfloat16),
+            "read_samples": [common.read_bandwidth()],
+        }
+
+    def decode():
+        report["decode"] = decode_suite(args, hf_dir, gguf, unsupported)
+        # The memory bandwidth of this shared VM moves with its neighbours' load (seen: 45 to 84 GB/s within an
+        # hour), so it is sampled before and after the decode runs and the higher figure is the roofline.
+        report["roofline"]["read_samples"].append(common.read_bandwidth())
+
+    def latency():
+        model, tok = (
+            load_ours(hf_dir, compile=False) if "ours --compile / float32" in unsupported else load_ours(hf_dir)
+        )
+        report["latency"] = {pos: ours.decode_latency_at(model, pos) for pos in (100, args.far)}
+        report["offline_32"] = ours.decode_tokens_per_s(model, tok, 32, args.tokens) if 32 in args.batches else None
+
+    def default_model():
+        model, tok = load_ours(DEFAULT_MODEL, compile="ours --compile / float32" not in unsupported)
+        report["default_model"] = {b: ours.decode_tokens_per_s(model, tok, b, args.tokens) for b in args.batches}
+
+    return [
+        ("roofline", roofline),
+        ("decode", decode),
+        ("prefill", lambda: report.update(prefill=prefill_suite(args, hf_dir, gguf, unsupported))),
+        ("latency", latency),
+        ("memory", lambda: report.update(memory=memory_figures(load_model(hf_dir)[0]))),  # unpacked weights
+        ("default_model", default_model),
+        ("server", lambda: report.update(server=server_suite(args, hf_dir))),
+    ]
 
 
 def memory_figures(model) -> dict:

@@ -18,9 +18,15 @@ have no gradient, so packing is the last step of loading a model for serving, ne
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+# Set to 1 to take the unpacked fallback for bf16 as a CPU without bf16 instructions does (tests and benchmarks
+# exercise that branch on every machine through it).
+NO_BF16_ENV = "AETHERIS_NO_BF16_PACKING"
 
 # Linear modules that are read through `.weight` rather than called (F.linear on the raw weight) stay as they
 # are: dt_proj adds its bias in fp32 before softplus (mamba.py), the MoE router runs in fp32 (moe.py). Both are
@@ -45,6 +51,8 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        if not packable_dtype(linear.weight.dtype):
+            raise ValueError(f"oneDNN cannot pack {linear.weight.dtype} weights on this CPU")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # batch_size=None: one layout for every M (the engine's batch changes every step); measured as fast as
         # a layout specialised to M = 1, 8 or 32.
@@ -58,14 +66,20 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def can_pack(model: nn.Module) -> bool:
-    """oneDNN packing applies to CPU models in fp32, or in bf16 where the CPU has bf16 instructions."""
-    p = next(model.parameters())
-    if p.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+def packable_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of `dtype` on this CPU: fp32 always; bf16 only on CPUs with bf16 instructions
+    (AVX512-BF16 / AMX, or AVX-NE-CONVERT), which machines of the same kind do not all have."""
+    if not torch.backends.mkldnn.is_available():
         return False
-    if p.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return p.dtype == torch.float32
+    if dtype == torch.bfloat16:
+        return os.environ.get(NO_BF16_ENV, "") in ("", "0") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+def can_pack(model: nn.Module) -> bool:
+    """oneDNN packing applies to CPU models whose dtype `packable_dtype` accepts."""
+    p = next(model.parameters())
+    return p.device.type == "cpu" and packable_dtype(p.dtype)
 
 
 @torch.no_grad()
@@ -84,6 +98,12 @@ def pack_linears(model: nn.Module) -> int:
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
     return len(targets)
+
+
+def pack_if_supported(model: nn.Module) -> int:
+    """`pack_linears` where this CPU packs the model's dtype, else nothing (the model keeps nn.Linear, which runs
+    on any CPU); returns how many layers were packed."""
+    return pack_linears(model) if can_pack(model) else 0
 
 
 def is_packed(model: nn.Module) -> bool:

@@ -4,22 +4,57 @@ import pytest
 import torch
 
 from model.checkpoint import save_checkpoint
-from model.packed import PackedLinear, can_pack, pack_linears
+from model.packed import NO_BF16_ENV, PackedLinear, can_pack, pack_if_supported, pack_linears, packable_dtype
 from tests.model.test_model import LAYOUTS, tiny
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+CPU_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX512-BF16 / AMX or AVX-NE-CONVERT: not on every CPU
+
+
+@pytest.fixture(params=["this CPU", "forced fallback"])
+def capability(request, monkeypatch):
+    """Each test runs with this CPU's own answer and again with bf16 packing switched off, so both branches run
+    on every machine (the fallback is what a CPU without bf16 instructions takes)."""
+    if request.param == "forced fallback":
+        monkeypatch.setenv(NO_BF16_ENV, "1")
+    else:
+        monkeypatch.delenv(NO_BF16_ENV, raising=False)
+    return request.param
+
+
+def test_bf16_capability_follows_the_cpu_and_the_switch(capability):
+    assert packable_dtype(torch.float32)
+    assert packable_dtype(torch.bfloat16) == (CPU_BF16 and capability == "this CPU")
+    assert not packable_dtype(torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_linear(dtype, bias):
+def test_packed_linear_equals_linear(dtype, bias, capability):
     linear = torch.nn.Linear(40, 24, bias=bias).to(dtype)
+    if not packable_dtype(dtype):  # the fallback: a clear refusal, never oneDNN's crash
+        with pytest.raises(ValueError, match="cannot pack"):
+            PackedLinear(linear)
+        return
     packed = PackedLinear(linear)
     for shape in [(40,), (1, 40), (7, 40), (2, 3, 40)]:
         x = torch.randn(shape, dtype=dtype)
         got = packed(x)
         assert got.shape == (*shape[:-1], 24) and got.dtype == dtype
         torch.testing.assert_close(got, linear(x), **TOL[dtype])
+
+
+def test_bf16_model_serves_on_either_path(capability):
+    """What the server does at load: pack where the CPU can, keep nn.Linear where it cannot; same logits."""
+    ref = tiny("moe-mamba").cast(torch.bfloat16)
+    model = tiny("moe-mamba").cast(torch.bfloat16)
+    model.load_state_dict(ref.state_dict())
+    packed = pack_if_supported(model)
+    assert (packed > 0) == (CPU_BF16 and capability == "this CPU")
+    tokens = torch.randint(0, 97, (2, 7))
+    want, _ = ref.prefill(tokens, ref.empty_state(2))
+    got, _ = model.prefill(tokens, model.empty_state(2))
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
 
 
 def test_packed_linear_inside_torch_compile():
