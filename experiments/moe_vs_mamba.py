@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from training.config import parse_config  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
-CORPUS = ROOT.parent / "shared" / "data" / "corpus"
+CORPUS = ROOT / "data" / "corpus"
 
 
 def run_config(args, name: str, layers: list[dict], extra: dict) -> dict:
