@@ -1,5 +1,7 @@
 """Checkpoints: our directory format, Hugging Face Mamba / Jamba directories, and Hub repo ids.
 
+`CheckpointError` (model/errors.py, re-exported here) is what every loader raises for a checkpoint it refuses.
+
 Our format (what `save_checkpoint` writes and every loader reads):
     config.json            ModelConfig.to_dict() ({"model_type": "aetheris", ...})
     model.safetensors      the weights (lm_head omitted when tied to the embedding)
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from . import hf
 from .config import ModelConfig
-from .hf import CheckpointError
+from .errors import CheckpointError
 from .lm import HybridLM
 from .packed import is_packed
 from .tokenizer import Tokenizer
@@ -86,7 +88,7 @@ def _read_config(directory: Path) -> dict:
         raise CheckpointError(f"{file}: invalid JSON ({e})") from e
 
 
-def _embedding_rows(sd: dict[str, Tensor], fmt: str) -> int | None:
+def _embedding_rows(sd: dict[str, Tensor]) -> int | None:
     for key in ("backbone.embeddings.weight", "backbone.embedding.weight", "model.embed_tokens.weight"):
         if key in sd:
             return sd[key].shape[0]
@@ -104,9 +106,9 @@ def config_and_weights(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
     elif fmt == "mamba":
-        cfg, sd = hf.mamba_config(raw, _embedding_rows(sd, fmt)), hf.convert_mamba_state_dict(sd)
+        cfg, sd = hf.mamba_config(raw, _embedding_rows(sd)), hf.convert_mamba_state_dict(sd)
     else:
-        cfg, sd = hf.jamba_config(raw, _embedding_rows(sd, fmt)), hf.convert_jamba_state_dict(sd)
+        cfg, sd = hf.jamba_config(raw, _embedding_rows(sd)), hf.convert_jamba_state_dict(sd)
     if "lm_head.weight" not in sd and fmt == "mamba":
         cfg.tie_embeddings = True  # a missing lm_head is the tied embedding (HF's default for Mamba)
     elif cfg.tie_embeddings:

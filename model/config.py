@@ -3,12 +3,13 @@
 Glossary of dimension letters used across model/:
     B batch, L sequence length, D d_model, Di d_inner (= expand * D), N d_state,
     K d_conv (conv kernel width), R dt_rank, V vocab size, T tokens (B * L flattened),
-    E experts, k experts per token (top-k), F feed-forward / expert hidden size.
+    E experts, k experts per token (top-k), F feed-forward / expert hidden size,
+    nH attention heads, nKV key/value heads, hd attention head dim.
 
-A model is a stack of layers. Each layer is a Mamba mixer (pre-norm residual) optionally followed by a
-feed-forward (pre-norm residual): nothing, a dense SwiGLU MLP, or a sparse MoE. That one shape covers
-pure Mamba (HF MambaForCausalLM: mixer only), MoE-Mamba (Pióro et al. 2024, §2: every Mamba layer
-followed by a Switch MoE layer) and attention-free Jamba (mixer with dt/B/C norms + MLP or MoE).
+A model is a stack of layers. Each layer is a mixer (pre-norm residual: Mamba-1 or causal self-attention)
+optionally followed by a feed-forward (pre-norm residual): nothing, a dense SwiGLU MLP, or a sparse MoE. That
+one shape covers pure Mamba (HF MambaForCausalLM: mixer only), MoE-Mamba (Pióro et al. 2024, §2: every Mamba
+layer followed by a Switch MoE layer) and Jamba (Mamba with dt/B/C norms or attention, each + MLP or MoE).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-MIXERS = ("mamba",)
+MIXERS = ("mamba", "attention")  # model/mixers.py maps each name to its module
 FFNS = (None, "mlp", "moe")
 
 
@@ -49,6 +50,15 @@ class ModelConfig:
     conv_bias: bool = True
     proj_bias: bool = False  # bias of in_proj / out_proj
     mixer_norms: bool = False  # Jamba's RMSNorms on dt, B and C after x_proj
+    # Attention mixer (HF names in comments): heads, optional RoPE and biases.
+    n_heads: int = 0  # num_attention_heads
+    n_kv_heads: int = 0  # num_key_value_heads; 0 = n_heads (multi-head), fewer = grouped-query
+    head_dim: int = 0  # 0 = d_model // n_heads
+    rope_theta: float = 0.0  # 0 = no positional encoding (Jamba, Granite 4.0-H); else RoPE base
+    partial_rotary_factor: float = 1.0  # share of head_dim that RoPE rotates
+    attn_bias: bool = False  # biases on q/k/v/o_proj
+    attn_scale: float = 0.0  # 0 = head_dim ** -0.5
+    max_position_embeddings: int = 0  # the context the checkpoint was made for (0 = unknown)
     # Feed-forward: dense MLP and every expert share the hidden size d_ff (as Jamba's intermediate_size).
     d_ff: int = 0
     n_experts: int = 0
@@ -77,6 +87,8 @@ class ModelConfig:
         self.layers = [s if isinstance(s, LayerSpec) else LayerSpec(**s) for s in self.layers]
         if not self.dt_rank:
             self.dt_rank = math.ceil(self.d_model / 16)
+        if self.n_heads and not self.n_kv_heads:
+            self.n_kv_heads = self.n_heads
         self.validate()
 
     def validate(self) -> None:
@@ -101,6 +113,15 @@ class ModelConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"model config: invalid {name}={getattr(self, name)!r}")
+        if self.attention_layers and not (
+            self.n_heads > 0 and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0
+        ):
+            raise ValueError(
+                f"model config: attention layers need n_heads > 0 divisible by n_kv_heads "
+                f"(got {self.n_heads}, {self.n_kv_heads})"
+            )
+        if self.attention_layers and not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"model config: partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         kinds = {s.ffn for s in self.layers}
         if kinds & {"mlp", "moe"} and self.d_ff <= 0:
             raise ValueError("model config: layers with an ffn need d_ff > 0")
@@ -116,6 +137,14 @@ class ModelConfig:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // max(1, self.n_heads)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.layers) if s.mixer == "attention"]
 
     @property
     def moe_layers(self) -> list[int]:

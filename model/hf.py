@@ -3,8 +3,8 @@
 Glossary: E experts, F expert hidden size, D d_model.
 
 Supported: `MambaForCausalLM` (HF names), the original state-spaces `MambaLMHeadModel` configs, and
-`JambaForCausalLM` whose layers are all Mamba (each with a dense or MoE feed-forward). Layouts and names
-are documented in shared/reference/model.md §1.2, §2.6, §6. Jamba layers with attention are refused.
+`JambaForCausalLM` (Mamba-1 and attention layers, each with a dense or MoE feed-forward). docs/model.md lists
+the names and layouts. A config option we do not implement is refused, naming it.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import LayerSpec, ModelConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file, key or tensor at fault."""
+from .errors import CheckpointError
 
 
 def _get(cfg: dict, *keys, default=None):
@@ -58,31 +55,51 @@ def mamba_config(hf: dict, vocab_size: int | None) -> ModelConfig:
     )
 
 
-def jamba_config(hf: dict, vocab_size: int | None) -> ModelConfig:
-    """HF JambaConfig -> ModelConfig; the layer pattern uses `i % period == offset` (pitfall 13)."""
+def _jamba_layers(hf: dict) -> list[LayerSpec]:
+    """Layer i is attention iff i % attn_layer_period == attn_layer_offset (else Mamba-1), and its FFN is MoE
+    iff i % expert_layer_period == expert_layer_offset (else dense): HF's JambaConfig layout rule."""
     n = hf.get("num_hidden_layers", 32)
     attn_period, attn_offset = hf.get("attn_layer_period", 8), hf.get("attn_layer_offset", 4)
     exp_period, exp_offset = hf.get("expert_layer_period", 2), hf.get("expert_layer_offset", 1)
-    n_experts = hf.get("num_experts", 16)
     for name, period, offset in (("attn", attn_period, attn_offset), ("expert", exp_period, exp_offset)):
         if not (isinstance(period, int) and period > 0 and isinstance(offset, int) and 0 <= offset < period):
             raise CheckpointError(
                 f"config.json: {name}_layer_offset={offset} must be in [0, {name}_layer_period={period})"
             )
-    attention = [i for i in range(n) if i % attn_period == attn_offset]
-    if attention:
-        raise CheckpointError(
-            f"config.json: this Jamba checkpoint has attention layers {attention}; attention layers are not "
-            "supported yet (only attention-free Jamba: attn_layer_offset >= num_hidden_layers)"
+    moe = hf.get("num_experts", 16) > 1
+    return [
+        LayerSpec(
+            "attention" if i % attn_period == attn_offset else "mamba",
+            "moe" if moe and i % exp_period == exp_offset else "mlp",
         )
-    is_moe = [n_experts > 1 and i % exp_period == exp_offset for i in range(n)]
+        for i in range(n)
+    ]
+
+
+def refuse_unsupported(hf: dict, supported: dict) -> None:
+    """A config option that changes the math and that we do not implement is an error naming it; `supported`
+    maps option -> the values we do implement (None in the list: the option may be absent or null)."""
+    for key, allowed in supported.items():
+        if hf.get(key) not in allowed:
+            raise CheckpointError(f"config.json: {key}={hf.get(key)!r} is not supported (supported: {allowed})")
+
+
+def jamba_config(hf: dict, vocab_size: int | None) -> ModelConfig:
+    """HF JambaConfig -> ModelConfig. Attention layers use no positional encoding and no biases."""
+    refuse_unsupported(
+        hf,
+        {"hidden_act": ["silu", None], "sliding_window": [None], "use_alibi": [None, False], "rope_scaling": [None]},
+    )
+    layers = _jamba_layers(hf)
     d_model = hf.get("hidden_size", 4096)
+    n_heads = hf.get("num_attention_heads", 32)
     dt_rank = hf.get("mamba_dt_rank", "auto")
     eos = hf.get("eos_token_id", 2)
+    moe = any(s.ffn == "moe" for s in layers)
     return ModelConfig(
         vocab_size=vocab_size or hf.get("vocab_size", 65536),
         d_model=d_model,
-        layers=[LayerSpec("mamba", "moe" if m else "mlp") for m in is_moe],
+        layers=layers,
         d_state=hf.get("mamba_d_state", 16),
         d_conv=hf.get("mamba_d_conv", 4),
         expand=hf.get("mamba_expand", 2),
@@ -90,10 +107,14 @@ def jamba_config(hf: dict, vocab_size: int | None) -> ModelConfig:
         conv_bias=hf.get("mamba_conv_bias", True),
         proj_bias=hf.get("mamba_proj_bias", False),
         mixer_norms=True,
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or d_model // n_heads,
+        max_position_embeddings=hf.get("max_position_embeddings", 262144),
         d_ff=hf.get("intermediate_size", 14336),
-        n_experts=n_experts if any(is_moe) else 0,
-        top_k=hf.get("num_experts_per_tok", 2) if any(is_moe) else 1,
-        renormalize=False,  # Jamba does not renormalise the top-k weights (pitfall 11)
+        n_experts=hf.get("num_experts", 16) if moe else 0,
+        top_k=hf.get("num_experts_per_tok", 2) if moe else 1,
+        renormalize=False,  # Jamba weights the chosen experts by their softmax over all experts, unrenormalised
         aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         residual_in_fp32=False,
@@ -115,6 +136,7 @@ _JAMBA_RENAMES = [
     (r"^model\.embed_tokens\.weight$", "embeddings.weight"),
     (r"^model\.layers\.(\d+)\.input_layernorm\.weight$", r"layers.\1.norm.weight"),
     (r"^model\.layers\.(\d+)\.mamba\.(.+)$", r"layers.\1.mixer.\2"),
+    (r"^model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.(weight|bias)$", r"layers.\1.mixer.\2.\3"),
     (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.weight$", r"layers.\1.ffn_norm.weight"),
     (r"^model\.layers\.(\d+)\.feed_forward\.router\.weight$", r"layers.\1.ffn.router.weight"),
     (r"^model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight$", r"layers.\1.ffn.\2_proj.weight"),

@@ -1,18 +1,20 @@
 """The hybrid Mamba / MoE language model.
 
-Glossary: B batch, L length, D d_model, V vocab size, nL layers, Di d_inner, K d_conv, N d_state.
+Glossary: B batch, L length, D d_model, V vocab size, nL layers.
 
 tokens -> embeddings -> nL x [h += mixer(norm(h)); h += ffn(ffn_norm(h)) if the layer has one]
        -> norm_f -> lm_head -> logits.
-Pre-norm residual blocks (HF MambaBlock / JambaMambaDecoderLayer). With `residual_in_fp32` the residual
-stream is kept in fp32 (mamba_ssm's default) while the mixers and FFNs run in the weight dtype.
+Pre-norm residual blocks (HF MambaBlock / Jamba decoder layers). The mixer is Mamba-1 or attention (mixers.py).
+With `residual_in_fp32` the residual stream is kept in fp32 (mamba_ssm's default) while the mixers and FFNs
+run in the weight dtype.
 
 Interfaces:
     forward(tokens)               training / evaluation from a fresh state -> LMOutput (logits + aux losses)
     prefill(tokens, state)        a chunk of tokens per sequence, continuing from `state` -> (logits, state)
-    decode(tokens, state)         one token per sequence -> (logits, state); O(1) in the sequence length
-`state` is a ModelState; prefill and decode return a new one and never modify the one passed in, so the
-owner (the serving engine's slot pool) decides where it is written.
+    decode(tokens, state, out)    one token per sequence -> (logits, state); O(1) in the sequence length for
+                                  Mamba layers, O(length) reads for attention layers
+`state` is a ModelState (state.py). prefill returns a new one and leaves the one passed in as it was; decode
+writes into `out` (which may be `state` itself: the engine's pool decodes in place) or into a copy.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, SwiGLU
-from .mamba import MambaMixer
+from .mixers import build_mixer
 from .moe import MoE, RouterOutput, load_balancing_loss, router_z_loss
 from .scan import scan_chunk
 from .state import ModelState
@@ -45,7 +47,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = MambaMixer(cfg)
+        self.mixer = build_mixer(spec.mixer, cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if spec.ffn else None
         if spec.ffn == "mlp":
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
@@ -63,40 +65,30 @@ class Block(nn.Module):
             y, router = y
         return h + y, router
 
-    def forward(self, h: Tensor, conv: Tensor, ssm: Tensor):
-        """h: (B, L, D) -> (B, L, D), conv (B, Di, K), ssm (B, Di, N), router or None."""
-        y, conv, ssm = self.mixer(self.norm(h.to(self.norm.weight.dtype)), conv, ssm)
+    def forward(self, h: Tensor, state: dict[str, Tensor]):
+        """h: (B, L, D) -> (B, L, D), the layer's new state, router or None."""
+        y, state = self.mixer(self.norm(h.to(self.norm.weight.dtype)), state)
         h, router = self._feed_forward(h + y)
-        return h, conv, ssm, router
+        return h, state, router
 
-    def step(
-        self, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor | None, out_ssm: Tensor | None, mixer_step=None
-    ) -> Tensor:
-        """h: (B, D) -> (B, D); the new conv (B, Di, K) and ssm (B, Di, N) are written to out_conv, out_ssm, or
-        over conv, ssm when those are None.
+    def step(self, h: Tensor, state: dict[str, Tensor], mixer_step=None) -> Tensor:
+        """h: (B, D) -> (B, D), the layer's state updated in place.
 
         `mixer_step` is `mixer_residual_step` or its compiled twin (HybridLM.compile_inference)."""
-        h = (mixer_step or mixer_residual_step)(self, h, conv, ssm, out_conv, out_ssm)
+        h = (mixer_step or mixer_residual_step)(self, h, state)
         return self._feed_forward(h)[0]
 
 
-def mixer_residual_step(
-    block: Block, h: Tensor, conv: Tensor, ssm: Tensor, out_conv: Tensor | None, out_ssm: Tensor | None
-) -> Tensor:
-    """h + mixer(norm(h)) for one token per sequence, the new state written to out_conv / out_ssm, or over
-    conv / ssm in place when those are None.
+def mixer_residual_step(block: Block, h: Tensor, state: dict[str, Tensor]) -> Tensor:
+    """h + mixer(norm(h)) for one token per sequence, the layer's state updated in place.
 
-    A free function so that one torch.compile of it serves every layer (the block's parameters become
+    A free function so that one torch.compile of it serves every Mamba layer (the block's parameters become
     graph inputs): compiled, the norm, conv, SSM update and gate fuse into three loops around the four
-    projections, and the SSM state is written straight into `out_ssm` (the pool) instead of being
-    materialised, added and copied (~10 passes over B x Di x N fp32 per layer when eager). Run eagerly it is
-    the reference the compiled one is tested against. In place is asked for with None, never by passing
-    the same tensor twice: aliased inputs that a graph mutates send torch.compile down a path that, in torch
-    2.13, ran the graph on the wrong arguments (tests/test_model.py caught it on a fresh compile cache)."""
-    y, new_conv, new_ssm = block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), conv, ssm)
-    (conv if out_conv is None else out_conv).copy_(new_conv)  # the old state was read above
-    (ssm if out_ssm is None else out_ssm).copy_(new_ssm)
-    return h + y  # (B, D)
+    projections, and the SSM state is written straight into the pool instead of being materialised, added and
+    copied (~10 passes over B x Di x N fp32 per layer when eager). Run eagerly it is the reference the compiled
+    one is tested against. Each state tensor is passed once: a graph that mutates two aliased inputs runs on the
+    wrong arguments in torch 2.13."""
+    return h + block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), state)  # (B, D)
 
 
 class HybridLM(nn.Module):
@@ -117,12 +109,12 @@ class HybridLM(nn.Module):
             self.lm_head.weight = self.embeddings.weight
 
     def cast(self, dtype: torch.dtype) -> HybridLM:
-        """Cast the weights to `dtype`, keeping A_log and D in fp32 (Mamba's numerics, pitfall 7)."""
-        keep = {id(p): p.data.float().clone() for b in self.layers for p in (b.mixer.A_log, b.mixer.D)}
+        """Cast the weights to `dtype`, keeping each mixer's FP32_PARAMS (Mamba's A_log and D) in fp32."""
+        fp32 = [getattr(b.mixer, n) for b in self.layers for n in getattr(b.mixer, "FP32_PARAMS", ())]
+        keep = [p.data.float().clone() for p in fp32]
         self.to(dtype)
-        for block in self.layers:
-            for p in (block.mixer.A_log, block.mixer.D):
-                p.data = keep[id(p)]
+        for p, data in zip(fp32, keep):
+            p.data = data
         return self
 
     @torch.no_grad()
@@ -138,7 +130,7 @@ class HybridLM(nn.Module):
             for name, mod in block.named_modules():
                 if isinstance(mod, nn.Linear) and mod.bias is not None and not name.endswith("dt_proj"):
                     mod.bias.zero_()
-            block.mixer.out_proj.weight.mul_(scale)
+            getattr(block.mixer, block.mixer.RESIDUAL_OUT).weight.mul_(scale)
             if isinstance(block.ffn, SwiGLU):
                 block.ffn.down_proj.weight.mul_(scale)
             elif isinstance(block.ffn, MoE):
@@ -146,12 +138,13 @@ class HybridLM(nn.Module):
                 nn.init.normal_(block.ffn.router.weight, std=cfg.init_std)
 
     # ---------------------------------------------------------------- state
-    def empty_state(self, batch: int, device: torch.device | str | None = None) -> ModelState:
-        cfg = self.config
+    def state_specs(self) -> list:
+        return [block.mixer.state_spec() for block in self.layers]
+
+    def empty_state(self, batch: int, device: torch.device | str | None = None, capacity: int = 0) -> ModelState:
+        """Zero state for `batch` fresh sequences; growing tensors (K/V) get room for `capacity` tokens."""
         device = device or self.embeddings.weight.device
-        return ModelState.zeros(
-            cfg.n_layers, batch, cfg.d_inner, cfg.d_conv, cfg.d_state, device, self.embeddings.weight.dtype
-        )
+        return ModelState.zeros(self.state_specs(), batch, device, self.embeddings.weight.dtype, capacity)
 
     def _embed(self, tokens: Tensor) -> Tensor:
         h = self.embeddings(tokens)  # (B, L, D) or (B, D)
@@ -164,17 +157,16 @@ class HybridLM(nn.Module):
     def _run(self, tokens: Tensor, state: ModelState):
         """tokens (B, L) -> final hidden (B, L, D), new state, routers of MoE layers."""
         h = self._embed(tokens)  # (B, L, D)
-        convs, ssms, routers = [], [], []
-        for i, block in enumerate(self.layers):
+        layers, routers = [], []
+        for block, layer_state in zip(self.layers, state.layers):
             if self.gradient_checkpointing and self.training:
-                h, conv, ssm, router = checkpoint(block, h, state.conv[i], state.ssm[i], use_reentrant=False)
+                h, layer_state, router = checkpoint(block, h, layer_state, use_reentrant=False)
             else:
-                h, conv, ssm, router = block(h, state.conv[i], state.ssm[i])
-            convs.append(conv)
-            ssms.append(ssm)
+                h, layer_state, router = block(h, layer_state)
+            layers.append(layer_state)
             if router is not None:
                 routers.append(router)
-        return h, ModelState(torch.stack(convs), torch.stack(ssms)), routers
+        return h, ModelState(state.specs, layers), routers
 
     # ---------------------------------------------------------------- training
     def forward(self, tokens: Tensor) -> LMOutput:
@@ -203,14 +195,18 @@ class HybridLM(nn.Module):
     def decode(self, tokens: Tensor, state: ModelState, out: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """tokens (B,) one per sequence -> logits (B, V) and the new state.
 
-        The new state is written into `out` when given (it may be `state` itself: each layer reads its rows
-        before writing them), else into fresh tensors. `state` is never modified unless it is `out`."""
-        in_place = out is state
-        out = out or ModelState(torch.empty_like(state.conv), torch.empty_like(state.ssm))
+        The new state is written into `out` when given (it may be `state` itself: the engine's pool decodes in
+        place; growing tensors need room for one more token), else into a copy of `state` grown by one token.
+        `state` is never modified unless it is `out`."""
+        if out is None:
+            grown = [t.shape[1 + s.seq_axis] for s, t, _ in state.items() if s.seq_axis is not None]
+            out = state.with_capacity(max(grown, default=0) + 1)
+        elif out is not state:
+            out.copy_rows_(slice(None), state)
         h = self._embed(tokens)  # (B, D)
-        for i, block in enumerate(self.layers):
-            dst = (None, None) if in_place else (out.conv[i], out.ssm[i])
-            h = block.step(h, state.conv[i], state.ssm[i], *dst, self._mixer_step)
+        for block, layer_state in zip(self.layers, out.layers):
+            compiled = self._mixer_step if getattr(block.mixer, "COMPILE_STEP", False) else None
+            h = block.step(h, layer_state, compiled)
         return self._logits(h), out
 
     def compile_inference(self) -> None:
@@ -223,7 +219,7 @@ class HybridLM(nn.Module):
         device = self.embeddings.weight.device
         try:  # warm up as the engine calls: decode in place into the pool, prefill chunk after chunk
             for batch in (1, 2):
-                state = self.empty_state(batch)
+                state = self.empty_state(batch, capacity=2)
                 self.decode(torch.zeros(batch, dtype=torch.long, device=device), state, out=state)
             _, state = self.prefill(torch.zeros(1, 3, dtype=torch.long, device=device), self.empty_state(1))
             self.prefill(torch.zeros(1, 3, dtype=torch.long, device=device), state)
@@ -235,7 +231,8 @@ class HybridLM(nn.Module):
         """Decode through `mixer_step` and prefill through `scan_chunk` (None: the eager paths)."""
         self._mixer_step = mixer_step
         for block in self.layers:
-            block.mixer.scan_chunk = scan_chunk
+            if hasattr(block.mixer, "scan_chunk"):
+                block.mixer.scan_chunk = scan_chunk
 
     # ---------------------------------------------------------------- introspection
     def moe_layers(self) -> dict[int, MoE]:

@@ -9,12 +9,12 @@ A_log (Di, N), D (Di,), out_proj (D, Di); optional dt/b/c_layernorm (R), (N), (N
 The per-sequence state is fixed-size whatever the length (§3.4, "recurrent mode"):
     conv: (B, Di, K)  the last K pre-conv inputs, oldest first (the newest at index K-1);
     ssm:  (B, Di, N)  h after the last token, fp32.
-Three entry points share one set of weights:
-    forward(u, conv, ssm)   a sequence, starting from the given state (zeros = a fresh sequence). With a
-                            cached state this is chunked prefill: the conv window continues from the cached
-                            inputs and the scan starts from the cached h (HF's fallbacks restart h at zero).
-    step(u, conv, ssm)      one token per sequence: the O(1) decode.
-Both return the new state and never modify their inputs: the caller owns and writes the state.
+Two entry points share one set of weights (the mixer interface of mixers.py):
+    forward(u, state)   a sequence, starting from the given state (zeros = a fresh sequence). With a cached
+                        state this is chunked prefill: the conv window continues from the cached inputs and
+                        the scan starts from the cached h (HF's fallbacks restart h at zero). Returns the new
+                        state and leaves `state` as it was.
+    step(u, state)      one token per sequence: the O(1) decode, writing the new state over `state`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .layers import RMSNorm
 from .scan import selective_scan
+from .state import StateSpec
 
 
 class MambaMixer(nn.Module):
+    FP32_PARAMS = ("A_log", "D")  # A and the skip stay fp32 in a bf16 model: the state accumulates over the sequence
+    RESIDUAL_OUT = "out_proj"
+    COMPILE_STEP = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         D, Di, N, K, R = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.d_conv, cfg.dt_rank
@@ -65,27 +70,26 @@ class MambaMixer(nn.Module):
         dt = dt.clamp(min=cfg.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def empty_state(self, batch: int, device=None, dtype=None) -> tuple[Tensor, Tensor]:
-        dtype = dtype or self.in_proj.weight.dtype
-        conv = torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype)
-        ssm = torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32)
-        return conv, ssm
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {
+            "conv": StateSpec((self.d_inner, self.d_conv)),
+            "ssm": StateSpec((self.d_inner, self.d_state), torch.float32),
+        }
 
     def _ssm_inputs(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """xc (..., Di) -> delta (..., Di), B_ssm (..., N), C_ssm (..., N), all fp32 (pitfalls 4, 5, 7)."""
+        """xc (..., Di) -> delta (..., Di), B_ssm (..., N), C_ssm (..., N), all fp32: the discretisation and the
+        scan lose precision in bf16 over long sequences."""
         dbc = self.x_proj(xc)  # (..., R + 2N)
         dt, B_ssm, C_ssm = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.mixer_norms:
             dt, B_ssm, C_ssm = self.dt_layernorm(dt), self.b_layernorm(B_ssm), self.c_layernorm(C_ssm)
-        # The bias is added in fp32 before softplus, as mamba_ssm's `delta_bias` (pitfall 4).
+        # The bias is added in fp32 before softplus, as mamba_ssm's `delta_bias` does.
         delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
         return delta, B_ssm.float(), C_ssm.float()
 
-    def forward(self, u: Tensor, conv: Tensor | None = None, ssm: Tensor | None = None):
-        """u: (B, L, D) -> out (B, L, D), conv (B, Di, K), ssm (B, Di, N)."""
-        Bsz, L, _ = u.shape
-        if conv is None or ssm is None:
-            conv, ssm = self.empty_state(Bsz, u.device, self.in_proj.weight.dtype)
+    def forward(self, u: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """u: (B, L, D) -> out (B, L, D) and the new state: conv (B, Di, K), ssm (B, Di, N)."""
+        conv, ssm = state["conv"], state["ssm"]
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, Di) each
         x = x.transpose(1, 2)  # (B, Di, L)
         window = torch.cat([conv.to(x.dtype), x], dim=-1)  # (B, Di, K + L)
@@ -103,11 +107,12 @@ class MambaMixer(nn.Module):
             y, new_ssm = selective_scan(
                 xc.float(), delta, A, B_ssm, C_ssm, self.D.float(), ssm, self.scan_chunk
             )  # (B, L, Di)
-        y = (y * F.silu(z.float())).to(x.dtype)  # gate after the D skip (pitfall 5)
-        return self.out_proj(y), new_conv, new_ssm  # (B, L, D)
+        y = (y * F.silu(z.float())).to(x.dtype)  # the gate multiplies after the D skip, as mamba_ssm's does
+        return self.out_proj(y), {"conv": new_conv, "ssm": new_ssm}  # (B, L, D)
 
-    def step(self, u: Tensor, conv: Tensor, ssm: Tensor):
-        """u: (B, D) one token per sequence -> out (B, D), conv (B, Di, K), ssm (B, Di, N)."""
+    def step(self, u: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """u: (B, D) one token per sequence -> out (B, D); conv (B, Di, K) and ssm (B, Di, N) updated in place."""
+        conv, ssm = state["conv"], state["ssm"]
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, Di) each
         window = torch.cat([conv[..., 1:], x.unsqueeze(-1).to(conv.dtype)], dim=-1)  # (B, Di, K)
         w = self.conv1d.weight.squeeze(1)  # (Di, K)
@@ -121,4 +126,6 @@ class MambaMixer(nn.Module):
         h = torch.exp(delta.unsqueeze(-1) * A) * ssm + (delta * x32).unsqueeze(-1) * B_ssm.unsqueeze(1)  # (B, Di, N)
         y = torch.bmm(h, C_ssm.unsqueeze(-1)).squeeze(-1) + self.D.float() * x32  # (B, Di)
         y = (y * F.silu(z.float())).to(x.dtype)
-        return self.out_proj(y), window, h  # (B, D)
+        conv.copy_(window)  # the old state was read above
+        ssm.copy_(h)
+        return self.out_proj(y)  # (B, D)

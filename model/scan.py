@@ -10,8 +10,8 @@ All of it runs in fp32 whatever the weight dtype: the state accumulates over tho
 Three implementations, held equal by tests/test_scan.py:
   * `selective_scan_ref`: the textbook loop. It materialises exp(delta*A) and delta*B*x for the whole
     sequence, O(B*L*Di*N) memory, and is what autograd differentiates in training. The loop iterates over
-    `unbind(1)` slices: indexing `t` inside the loop makes the backward pass quadratic in L
-    (shared/reference/model.md §4).
+    `unbind(1)` slices: indexing `t` inside the loop makes the backward pass quadratic in L (each indexing
+    op's backward allocates a zero tensor of the whole sequence).
   * `selective_scan_fused`: inference only. It discretises one step at a time inside the loop so memory
     stays O(B*Di*N) for any prompt length: the eager prefill path.
   * `selective_scan_chunked` with a torch.compile'd `scan_chunk`: inference only, the compiled prefill

@@ -1,49 +1,128 @@
-"""The fixed-size recurrent state of a batch of sequences.
+"""Per-sequence model state as data: each mixer declares what it keeps, one container holds it for a batch.
 
-Glossary: nL Mamba layers, B batch (or pool slots), Di d_inner, K d_conv, N d_state.
+Glossary: nL layers, B batch (or pool slots), T token capacity of a growing state (K/V), S the per-sequence
+shape a mixer declares.
 
-A sequence's whole memory of its past is one row of these two tensors, whatever its length: there is no
-cache that grows. An engine preallocates a `ModelState` with one row per slot (a pool) and gathers or
-writes rows by slot id; the model only ever sees the gathered batch.
+A mixer declares its state with `state_spec() -> {name: StateSpec}`:
+    Mamba-1    conv (Di, K) in the weight dtype, ssm (Di, N) fp32: fixed size whatever the length;
+    attention  k, v (nKV, T, hd) growing along T (`seq_axis`), len () int64: the tokens held so far.
+`ModelState` is one dict of tensors per layer, each (B, *S). Everything that moves state around (the engine's
+pool, forks, prefix snapshots, byte accounting) goes through the generic operations below and never names a
+tensor: a new mixer only declares its spec.
+
+Growing tensors come in two sizes. A state made during prefill or kept as a snapshot is exact: its T is the
+number of tokens it holds. A pool row has a fixed capacity T (the engine's context limit) and only the first
+`len` positions are meaningful; copies between the two move just those positions.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
+class StateSpec:
+    shape: tuple[int, ...]  # per sequence, without the batch axis; a growing axis holds 0 here
+    dtype: torch.dtype | None = None  # None: the model's weight dtype
+    seq_axis: int | None = None  # the axis of `shape` that grows with the tokens (K/V), else None
+
+    def zeros(self, batch: int, capacity: int, device, dtype: torch.dtype) -> Tensor:
+        shape = list(self.shape)
+        if self.seq_axis is not None:
+            shape[self.seq_axis] = capacity
+        return torch.zeros(batch, *shape, device=device, dtype=self.dtype or dtype)
+
+
+Specs = list[dict[str, StateSpec]]  # one dict per layer
+
+
 class ModelState:
-    conv: Tensor  # (nL, B, Di, K) last K pre-conv inputs per layer, in the model dtype
-    ssm: Tensor  # (nL, B, Di, N) SSM state h per layer, always fp32
+    """The state of B sequences: `layers[i][name]` is a (B, *S) tensor. Growing tensors have their position
+    axis at 1 + spec.seq_axis."""
+
+    def __init__(self, specs: Specs, layers: list[dict[str, Tensor]]) -> None:
+        self.specs, self.layers = specs, layers
 
     @classmethod
-    def zeros(
-        cls,
-        n_layers: int,
-        batch: int,
-        d_inner: int,
-        d_conv: int,
-        d_state: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> ModelState:
-        conv = torch.zeros(n_layers, batch, d_inner, d_conv, device=device, dtype=dtype)
-        ssm = torch.zeros(n_layers, batch, d_inner, d_state, device=device, dtype=torch.float32)
-        return cls(conv, ssm)
+    def zeros(cls, specs: Specs, batch: int, device=None, dtype=torch.float32, capacity: int = 0) -> ModelState:
+        layers = [{k: s.zeros(batch, capacity, device, dtype) for k, s in spec.items()} for spec in specs]
+        return cls(specs, layers)
+
+    # ---------------------------------------------------------------- iteration
+    def items(self) -> Iterator[tuple[StateSpec, Tensor, int]]:
+        """(spec, tensor, layer index) for every tensor."""
+        for i, (spec, layer) in enumerate(zip(self.specs, self.layers)):
+            for name, t in layer.items():
+                yield spec[name], t, i
+
+    def map(self, fn: Callable[[StateSpec, Tensor], Tensor]) -> ModelState:
+        layers = [{k: fn(spec[k], t) for k, t in layer.items()} for spec, layer in zip(self.specs, self.layers)]
+        return ModelState(self.specs, layers)
 
     @property
     def batch(self) -> int:
-        return self.conv.shape[1]
+        return next(t for _, t, _ in self.items()).shape[0]
 
-    def select(self, rows: Tensor | list[int]) -> ModelState:
-        """A copy of the given rows (B' = len(rows))."""
-        rows = torch.as_tensor(rows, device=self.conv.device)
-        return ModelState(self.conv.index_select(1, rows), self.ssm.index_select(1, rows))
+    # ---------------------------------------------------------------- rows
+    def rows(self, rows: slice | Tensor | list[int]) -> ModelState:
+        """The given rows: a view for a slice, a copy for a list or tensor of indices."""
+        if isinstance(rows, slice):
+            return self.map(lambda s, t: t[rows])
+        idx = torch.as_tensor(rows, device=next(t for _, t, _ in self.items()).device)
+        return self.map(lambda s, t: t.index_select(0, idx))
 
-    def bytes_per_sequence(self) -> int:
-        per_row = lambda t: t[:, 0].numel() * t.element_size()  # noqa: E731
-        return per_row(self.conv) + per_row(self.ssm)
+    def clone(self) -> ModelState:
+        return self.map(lambda s, t: t.clone())
+
+    def trimmed(self, tokens: int) -> ModelState:
+        """A copy whose growing tensors hold exactly the first `tokens` positions (what a snapshot keeps)."""
+        return self.map(lambda s, t: _narrow(s, t, tokens).clone())
+
+    def with_capacity(self, capacity: int) -> ModelState:
+        """A copy whose growing tensors have room for `capacity` positions (the first ones kept)."""
+
+        def grow(s: StateSpec, t: Tensor) -> Tensor:
+            if s.seq_axis is None:
+                return t.clone()
+            out = s.zeros(t.shape[0], capacity, t.device, t.dtype)
+            _narrow(s, out, min(capacity, t.shape[1 + s.seq_axis])).copy_(_narrow(s, t, capacity))
+            return out
+
+        return self.map(grow)
+
+    def copy_rows_(self, dst: slice | int, src: ModelState, tokens: int | None = None) -> None:
+        """Write `src` into rows `dst` of this state (a one-row src broadcasts over them). Growing tensors copy
+        only their first `tokens` positions (default: all that src holds)."""
+        for (spec, d, _), (_, s, _) in zip(self.items(), src.items()):
+            d = d[dst : dst + 1] if isinstance(dst, int) else d[dst]
+            if spec.seq_axis is not None:
+                axis = 1 + spec.seq_axis
+                n = min(s.shape[axis], d.shape[axis]) if tokens is None else tokens
+                d, s = d.narrow(axis, 0, n), s.narrow(axis, 0, n)
+            d.copy_(s.to(d.dtype))
+
+    # ---------------------------------------------------------------- accounting
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t, _ in self.items())
+
+    def bytes_per_sequence(self, tokens: int = 0) -> dict[str, int]:
+        """Bytes one sequence holding `tokens` tokens needs: {'fixed': recurrent state, 'growing': K/V}."""
+        out = {"fixed": 0, "growing": 0}
+        for spec, t, _ in self.items():
+            per_position = math.prod(n for i, n in enumerate(spec.shape) if i != spec.seq_axis) * t.element_size()
+            out["fixed" if spec.seq_axis is None else "growing"] += per_position * (
+                1 if spec.seq_axis is None else tokens
+            )
+        return out
+
+
+def _narrow(spec: StateSpec, t: Tensor, tokens: int) -> Tensor:
+    """The first `tokens` positions of a growing tensor (all of a fixed one)."""
+    if spec.seq_axis is None:
+        return t
+    return t.narrow(1 + spec.seq_axis, 0, min(tokens, t.shape[1 + spec.seq_axis]))

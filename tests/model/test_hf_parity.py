@@ -94,10 +94,53 @@ def test_jamba_attention_free_moe_parity(tmp_path):
     assert [s.ffn for s in ours.config.layers] == ["mlp", "moe", "mlp", "moe"] and ours.config.top_k == 2
 
 
-def test_jamba_with_attention_refused(tmp_path):
-    hf = transformers.JambaForCausalLM(jamba_config(attn_layer_period=2, attn_layer_offset=1))
-    hf.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"attention layers \[1, 3\].*not supported"):
+def hybrid_jamba(directory, **kw):
+    """A random Jamba with attention on layers 1 and 4 of 6, grouped-query (6 heads over 2 K/V heads of 6
+    dims), MoE on odd layers: odd sizes, written by save_pretrained."""
+    cfg = jamba_config(
+        hidden_size=36,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        attn_layer_period=3,
+        attn_layer_offset=1,
+        mamba_dt_rank=3,
+        **kw,
+    )
+    hf = transformers.JambaForCausalLM(cfg).eval()
+    hf.save_pretrained(directory)
+    return hf
+
+
+def test_jamba_with_attention_parity(tmp_path):
+    hf = hybrid_jamba(tmp_path)
+    tokens = torch.randint(0, 173, (2, 23))
+    diff, ours = _ours_vs_hf(hf, tmp_path, tokens)
+    assert diff <= 1e-4
+    assert [s.mixer for s in ours.config.layers] == ["mamba", "attention", "mamba", "mamba", "attention", "mamba"]
+    assert ours.config.n_kv_heads == 2 and ours.config.attn_head_dim == 6 and ours.config.rope_theta == 0
+    with torch.no_grad():
+        full = hf(tokens, use_cache=False).logits.float()
+    # Prefill in chunks (continuing cached K/V and SSM state), then decode: each position equals HF's forward.
+    state, logits = ours.empty_state(2), []
+    for a, b in [(0, 7), (7, 8), (8, 15)]:
+        chunk_logits, state = ours.prefill(tokens[:, a:b], state, all_logits=True)
+        logits.append(chunk_logits)
+    assert (torch.cat(logits, 1) - full[:, :15]).abs().max() <= 1e-4
+    state = state.with_capacity(32)
+    for t in range(15, 23):
+        step_logits, state = ours.decode(tokens[:, t], state, out=state)
+        assert (step_logits - full[:, t]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "option, value", [("sliding_window", 4096), ("use_alibi", True), ("hidden_act", "gelu")], ids=str
+)
+def test_jamba_options_we_do_not_implement_are_refused(tmp_path, option, value):
+    hybrid_jamba(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, option: value}))
+    with pytest.raises(ValueError, match=f"{option}={value!r} is not supported"):
         load_model(tmp_path)
 
 

@@ -1,4 +1,5 @@
-"""Core invariances of the recurrent model: decode == forward, chunked == one-shot, batched == alone."""
+"""Core invariances of the model: decode == forward, chunked == one-shot, batched == alone, for every layout
+(pure Mamba, MoE-Mamba, attention-free Jamba, and a hybrid with grouped-query RoPE attention)."""
 
 import pytest
 import torch
@@ -19,7 +20,27 @@ LAYOUTS = {
         tie_embeddings=False,
         norm_eps=1e-6,
     ),
+    "hybrid": dict(
+        layers=[LayerSpec("mamba", "mlp"), LayerSpec("attention", "moe"), LayerSpec("mamba", None)],
+        d_ff=40,
+        n_experts=4,
+        top_k=2,
+        n_heads=4,
+        n_kv_heads=2,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
+        attn_bias=True,
+    ),
 }
+
+
+def assert_states_close(got: ModelState, want: ModelState, tol: float = 1e-5) -> None:
+    """Every tensor of two states equal within tol; growing ones (K/V) over the positions both hold."""
+    for (spec, a, layer), (_, b, _) in zip(got.items(), want.items()):
+        if spec.seq_axis is not None:
+            n = min(a.shape[1 + spec.seq_axis], b.shape[1 + spec.seq_axis])
+            a, b = a.narrow(1 + spec.seq_axis, 0, n), b.narrow(1 + spec.seq_axis, 0, n)
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=f"layer {layer}")
 
 
 def tiny(layout: str, **kw) -> HybridLM:
@@ -51,20 +72,31 @@ def test_chunked_prefill_equals_one_shot(layout):
         logits, state = model.prefill(tokens[:, a:b], state, all_logits=True)
         chunks.append(logits)
     assert (torch.cat(chunks, 1) - one_logits).abs().max() <= 1e-5
-    assert (state.ssm - one_state.ssm).abs().max() <= 1e-5
-    assert (state.conv - one_state.conv).abs().max() <= 1e-5
+    assert_states_close(state, one_state)
 
 
 def test_state_is_fixed_size_and_inputs_untouched():
     model = tiny("moe-mamba")
     state = model.empty_state(1)
-    before = (state.conv.clone(), state.ssm.clone())
+    before = state.clone()
     _, s1 = model.prefill(torch.randint(0, 97, (1, 5)), state)
     _, s2 = model.prefill(torch.randint(0, 97, (1, 50)), state)
-    assert s1.conv.shape == s2.conv.shape == state.conv.shape and s1.ssm.shape == s2.ssm.shape
-    assert torch.equal(state.conv, before[0]) and torch.equal(state.ssm, before[1])
+    for (_, a, _), (_, b, _), (_, c, _), (_, d, _) in zip(s1.items(), s2.items(), state.items(), before.items()):
+        assert a.shape == b.shape == c.shape and torch.equal(c, d)
     cfg = model.config
-    assert state.bytes_per_sequence() == cfg.n_layers * cfg.d_inner * (cfg.d_conv + cfg.d_state) * 4
+    per_seq = cfg.n_layers * cfg.d_inner * (cfg.d_conv + cfg.d_state) * 4
+    assert state.bytes_per_sequence(10_000) == {"fixed": per_seq, "growing": 0}
+
+
+def test_hybrid_state_grows_only_in_attention_layers():
+    model = tiny("hybrid")
+    _, s1 = model.prefill(torch.randint(0, 97, (1, 5)), model.empty_state(1))
+    _, s2 = model.prefill(torch.randint(0, 97, (1, 9)), s1)
+    k = s2.layers[1]["k"]
+    assert k.shape == (1, 2, 14, 8) and int(s2.layers[1]["len"]) == 14  # (B, nKV, T, hd)
+    assert s2.layers[0]["ssm"].shape == s1.layers[0]["ssm"].shape
+    # K and V: 2 kv heads x 8 dims x 4 bytes each, per token, in the one attention layer
+    assert s2.bytes_per_sequence(100)["growing"] == 2 * 2 * 8 * 4 * 100
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -83,18 +115,19 @@ def test_mixed_lengths_through_slots_equal_alone(layout):
         return torch.stack(out)
 
     expected = [alone(p) for p in prompts]
-    pool = model.empty_state(5)  # more slots than sequences; the sequences live in slots 4, 0, 2
-    slots = torch.tensor([4, 0, 2])
+    pool = model.empty_state(5, capacity=32)  # more slots than sequences; they live in slots 4, 0, 2
+    slots = [4, 0, 2]
     outs, last = [[] for _ in prompts], []
-    for i, (slot, p) in enumerate(zip(slots.tolist(), prompts)):
-        logits, st = model.prefill(p[None], pool.select([slot]))
-        pool.conv[:, slot], pool.ssm[:, slot] = st.conv[:, 0], st.ssm[:, 0]
+    for i, (slot, p) in enumerate(zip(slots, prompts)):
+        logits, st = model.prefill(p[None], model.empty_state(1))
+        pool.copy_rows_(slot, st)
         outs[i].append(logits[0])
         last.append(logits[0].argmax())
     tokens = torch.stack(last)
     for _ in range(steps):
-        logits, st = model.decode(tokens, pool.select(slots))
-        pool.conv[:, slots], pool.ssm[:, slots] = st.conv, st.ssm
+        logits, st = model.decode(tokens, pool.rows(slots))  # rows of lengths 3, 8, 5 (+ steps) together
+        for i, slot in enumerate(slots):
+            pool.copy_rows_(slot, st.rows([i]))
         for i in range(len(prompts)):
             outs[i].append(logits[i])
         tokens = logits.argmax(-1)
@@ -140,7 +173,7 @@ def test_low_precision_decode_close_to_forward(dtype):
     with torch.no_grad():
         full = model(tokens).logits
     logits, state = model.prefill(tokens[:, :2], model.empty_state(1))
-    assert state.ssm.dtype == torch.float32 and state.conv.dtype == dtype
+    assert state.layers[0]["ssm"].dtype == torch.float32 and state.layers[0]["conv"].dtype == dtype
     for t in range(2, 6):
         logits, state = model.decode(tokens[:, t], state)
         assert (logits - full[:, t]).abs().max() < 2e-2  # forward and step share the fp32 conv and scan
@@ -155,18 +188,20 @@ def test_presets_build():
         preset("nope")
 
 
-def test_decode_in_place_equals_fresh_state():
-    model = tiny("moe-mamba")
-    _, state = model.prefill(torch.randint(0, 97, (3, 6)), model.empty_state(3))
+@pytest.mark.parametrize("layout", ["moe-mamba", "hybrid"])
+def test_decode_in_place_equals_fresh_state(layout):
+    model = tiny(layout)
+    _, prefilled = model.prefill(torch.randint(0, 97, (3, 6)), model.empty_state(3))
+    state = prefilled.with_capacity(8)  # a pool's rows: room for more tokens than they hold
     tokens = torch.randint(0, 97, (3,))
-    fresh_logits, fresh = model.decode(tokens, ModelState(state.conv.clone(), state.ssm.clone()))
+    fresh_logits, fresh = model.decode(tokens, prefilled)
     logits, same = model.decode(tokens, state, out=state)
     assert same is state and torch.equal(logits, fresh_logits)
-    assert torch.equal(state.conv, fresh.conv) and torch.equal(state.ssm, fresh.ssm)
+    assert_states_close(state, fresh, tol=0)
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("layout", ["moe-mamba", "jamba"])
+@pytest.mark.parametrize("layout", ["moe-mamba", "jamba", "hybrid"])
 def test_compiled_inference_equals_eager(layout, packed):
     """The torch.compile'd prefill scan and mixer step (fused kernels, state stored straight into `out`), on
     plain or oneDNN-packed projections (the serving fast path), against the plain eager reference, at batch 1
@@ -183,7 +218,8 @@ def test_compiled_inference_equals_eager(layout, packed):
         want, state = eager.prefill(prompt, eager.empty_state(batch), all_logits=True)
         got, pool = compiled.prefill(prompt, compiled.empty_state(batch), all_logits=True)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(pool.ssm, state.ssm, atol=1e-5, rtol=1e-5)
+        assert_states_close(pool, state)
+        pool = pool.with_capacity(32)
         for _ in range(4):
             tokens = torch.randint(0, 97, (batch,))
             want, state = eager.decode(tokens, state)
@@ -192,5 +228,5 @@ def test_compiled_inference_equals_eager(layout, packed):
             assert same is pool
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(fresh_logits, want, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(pool.ssm, state.ssm, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(fresh.conv, state.conv, atol=1e-6, rtol=1e-6)
+            assert_states_close(pool, state)
+            assert_states_close(fresh, state)
