@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from model.hf import CheckpointError
+    from model.checkpoint import CheckpointError
     from training.config import ConfigError
 
     try:

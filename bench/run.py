@@ -24,7 +24,7 @@ from bench import http_load as http_bench  # noqa: E402
 from bench.report import to_json, write  # noqa: E402
 from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.packed import can_pack, pack_linears  # noqa: E402
+from model.packed import NO_BF16_ENV, can_pack, pack_linears  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"
@@ -39,7 +39,7 @@ def load_ours(path: Path, dtype: torch.dtype = torch.float32, pack: bool = True,
     model, tok = load_model(path, dtype=dtype)
     if pack:
         if not can_pack(model):
-            raise NotSupported(f"oneDNN weight packing in {dtype} (this CPU has no bf16 instructions)")
+            raise NotSupported(f"oneDNN weight packing in {dtype}: no bf16 instructions here, or {NO_BF16_ENV} is set")
         pack_linears(model)
     if compile:
         try:

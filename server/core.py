@@ -41,6 +41,7 @@ class CoreConfig:
     max_batch_size: int = 32  # state slots = the most sequences decoding at once
     prefill_budget: int = 512  # prompt tokens prefilled per iteration, over all requests
     state_cache_bytes: int = 256 << 20  # snapshot cache budget (0 disables prefix reuse)
+    max_model_len: int = 0  # most tokens (prompt + output) a sequence may hold; 0 = unlimited (pure SSM models)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class EngineCore:
     def __init__(self, model: HybridLM, tokenizer: Tokenizer, cfg: CoreConfig, metrics=None) -> None:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.device = model.embeddings.weight.device
-        self.pool = StatePool(model, cfg.max_batch_size, self.device)
+        self.pool = StatePool(model, cfg.max_batch_size, self.device, cfg.max_model_len)
         self.cache = PrefixCache(cfg.state_cache_bytes)
         self.metrics = metrics
         self.waiting: deque[_Request] = deque()
@@ -188,7 +189,7 @@ class EngineCore:
                 s.finish_reason = "length"
             self._emit(r, [ChoiceDelta(s.index, finish_reason="length") for s in r.seqs])
             return
-        self.pool.add(r.seqs, r.state)
+        self.pool.add(r.seqs, r.state, len(r.req.prompt_ids))
         r.state = None
         logits = r.last_logits.unsqueeze(0).expand(len(r.seqs), -1)  # (n, V)
         self._sample_and_emit(list(r.seqs), logits)
@@ -199,6 +200,7 @@ class EngineCore:
         t0 = time.perf_counter()
         rows = self.pool.view()
         logits, _ = self.model.decode(tokens, rows, out=rows)  # (B, V); the pool rows now hold the new state
+        self.pool.advance()
         if self.metrics is not None:
             self.metrics.observe_decode(len(seqs), time.perf_counter() - t0)
         self._sample_and_emit(seqs, logits, from_decode=True)

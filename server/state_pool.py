@@ -1,11 +1,14 @@
-"""Where recurrent state lives: the slot pool, and the snapshot cache for prefix reuse.
+"""Where per-sequence state lives: the slot pool, and the snapshot cache for prefix reuse.
 
-Glossary: S slots, nL layers, Di d_inner, K d_conv, N d_state, B a batch of slot ids.
+Glossary: S slots, T token capacity of a slot's growing state (K/V), B a batch of slot ids.
 
-StatePool  one preallocated ModelState with S rows (conv (nL, S, Di, K), ssm (nL, S, Di, N)); a running
-           sequence owns a row. Rows change only through `add`, `remove` and the decode step's in-place write.
+StatePool  one preallocated ModelState with S rows (each layer's tensors as its mixer declares them, growing
+           ones with room for T tokens); a running sequence owns a row. Rows change only through `add`,
+           `remove` and the decode step's in-place write. The pool never names a tensor: it moves rows through
+           ModelState's generic operations.
 PrefixCache  snapshots of single rows, keyed by the exact token prefix they summarise, in an LRU bounded
-           by bytes. A prompt that extends a cached prefix restores the snapshot and prefills only the rest:
+           by bytes. A snapshot keeps growing tensors only up to its prefix's length. A prompt that extends a
+           cached prefix restores the snapshot and prefills only the rest:
            a recurrent state cannot be truncated, so we keep states at the ends of prompts and of finished
            generations, where the next turn of a chat resumes (llama.cpp's context checkpoints, vLLM's
            hybrid prefix caching, at request granularity).
@@ -27,10 +30,11 @@ class StatePool:
     view of the pool and writes the new state back in place, with no gather or scatter. When a sequence
     leaves, the last row moves into its place (one row copied, once per sequence)."""
 
-    def __init__(self, model: HybridLM, slots: int, device: torch.device) -> None:
-        self.state = model.empty_state(slots, device)
-        self.size = slots
+    def __init__(self, model: HybridLM, slots: int, device: torch.device, capacity: int = 0) -> None:
+        self.state = model.empty_state(slots, device, capacity)
+        self.size, self.capacity = slots, capacity
         self.rows: list = []  # the sequence in each occupied row, in row order
+        self.held: list[int] = []  # tokens each row's state holds (the positions a move copies)
 
     @property
     def used(self) -> int:
@@ -38,34 +42,38 @@ class StatePool:
 
     def view(self) -> ModelState:
         """The running rows [0, n), as a view: what decode reads and writes."""
-        n = len(self.rows)
-        return ModelState(self.state.conv[:, :n], self.state.ssm[:, :n])
+        return self.state.rows(slice(0, len(self.rows)))
 
     def row(self, slot: int) -> ModelState:
         """One row (B = 1), as a view: copy it before the pool changes (PrefixCache.put does)."""
-        return ModelState(self.state.conv[:, slot : slot + 1], self.state.ssm[:, slot : slot + 1])
+        return self.state.rows(slice(slot, slot + 1))
 
-    def add(self, seqs: list, state: ModelState) -> None:
-        """Append sequences as new rows, each starting from the one-row `state` (n > 1 forks it)."""
+    def add(self, seqs: list, state: ModelState, tokens: int) -> None:
+        """Append sequences as new rows, each starting from the one-row `state` that holds `tokens` tokens
+        (n > 1 forks it)."""
         start, k = len(self.rows), len(seqs)
         if start + k > self.size:
             raise RuntimeError(f"state pool full: {start} + {k} > {self.size} rows")
-        self.state.conv[:, start : start + k] = state.conv.to(self.state.conv.dtype)  # broadcasts over rows
-        self.state.ssm[:, start : start + k] = state.ssm
+        self.state.copy_rows_(slice(start, start + k), state, tokens)  # broadcasts over the k rows
         for i, seq in enumerate(seqs):
             seq.slot = start + i
             self.rows.append(seq)
+            self.held.append(tokens)
+
+    def advance(self) -> None:
+        """Every running row took one more token (a decode step)."""
+        self.held = [n + 1 for n in self.held]
 
     def remove(self, seq) -> None:
         """Free a sequence's row, moving the last row into it to keep [0, n) dense."""
         slot, last = seq.slot, len(self.rows) - 1
         if slot != last:
-            self.state.conv[:, slot] = self.state.conv[:, last]
-            self.state.ssm[:, slot] = self.state.ssm[:, last]
+            self.state.copy_rows_(slot, self.row(last), self.held[last])
             moved = self.rows[last]
             moved.slot = slot
-            self.rows[slot] = moved
+            self.rows[slot], self.held[slot] = moved, self.held[last]
         self.rows.pop()
+        self.held.pop()
         seq.slot = -1
 
 
@@ -100,9 +108,8 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        snap_state = ModelState(state.conv.clone(), state.ssm.clone())
-        nbytes = sum(t.numel() * t.element_size() for t in (snap_state.conv, snap_state.ssm, last_logits))
-        nbytes += 8 * len(tokens)
+        snap_state = state.trimmed(len(tokens))  # a copy; K/V only up to the prefix's length
+        nbytes = snap_state.nbytes() + last_logits.numel() * last_logits.element_size() + 8 * len(tokens)
         if nbytes > self.budget:
             return
         self.entries[key] = Snapshot(tuple(tokens), snap_state, last_logits.clone(), nbytes)
