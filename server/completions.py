@@ -51,7 +51,7 @@ def build_requests(serving: Serving, body: CompletionRequest) -> list[tuple[str,
     reqs = []
     for i, (text, ids) in enumerate(_prompts(serving, body.prompt)):
         params = body.to_sampling_params(
-            max_tokens=16 if body.max_tokens is None else body.max_tokens,
+            max_tokens=body.max_new_tokens,
             logit_bias=serving.logit_bias(body.logit_bias),
             logprobs=body.logprobs,
             prompt_logprobs=body.echo and body.logprobs is not None,

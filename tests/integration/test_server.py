@@ -228,10 +228,25 @@ def test_disconnect_frees_slot(server):
             next(lines)
         assert server.metrics()["aetheris_slots_used"] == 1
     _wait_idle(server)
-    # A non-streaming request abandoned by its client is aborted too.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+
+
+def test_non_streaming_disconnect_frees_slot(server):
+    """A non-streaming request whose client gives up is aborted: 200,000 tokens would take minutes on any
+    machine, so a free slot 2 s after the client's 1 s timeout means the server saw it leave."""
     _wait_idle(server)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 200_000,
+        "ignore_eos": True,
+    }
+    before = server.metrics()["aetheris_generation_tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)
+    time.sleep(2.0)
+    m = server.metrics()
+    assert m["aetheris_generation_tokens_total"] > before  # it was decoding when the client left
+    assert m["aetheris_slots_used"] == 0 and m["aetheris_requests_running"] == 0
 
 
 BAD_BODIES = [
