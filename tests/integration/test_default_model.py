@@ -10,8 +10,8 @@ from pathlib import Path
 
 import openai
 
+from aetheris.serverproc import ServerProcess
 from model.checkpoint import load_model
-from tests.serverproc import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "checkpoints" / "aetheris-hybrid"

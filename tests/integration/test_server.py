@@ -12,9 +12,9 @@ import openai
 import pytest
 import torch
 
+from aetheris.serverproc import ServerProcess
 from model.checkpoint import load_model
 from tests.helpers import make_tiny_checkpoint
-from tests.serverproc import ServerProcess
 
 MODEL = "tiny"
 
