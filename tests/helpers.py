@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import torch
+
 from model import HybridLM, LayerSpec, ModelConfig
 from model.checkpoint import save_checkpoint
 from training.tokenizer import train_tokenizer
@@ -21,17 +23,46 @@ def toy_tokenizer(vocab_size: int = 300):
     return train_tokenizer(TOY_TEXT, vocab_size)
 
 
-def tiny_config(vocab_size: int, **kw) -> ModelConfig:
-    base = dict(
-        vocab_size=vocab_size,
-        d_model=32,
-        layers=[LayerSpec("mamba", None), LayerSpec("mamba", "moe")],
-        d_state=8,
-        d_ff=48,
+LAYOUTS = {
+    "mamba": dict(layers=[LayerSpec("mamba", None)] * 3),
+    "moe-mamba": dict(layers=[LayerSpec("mamba", "moe")] * 2, d_ff=48, n_experts=4, top_k=1),
+    "jamba": dict(
+        layers=[LayerSpec("mamba", "mlp"), LayerSpec("mamba", "moe")],
+        d_ff=40,
         n_experts=4,
-        top_k=1,
-    )
+        top_k=2,
+        mixer_norms=True,
+        residual_in_fp32=False,
+        tie_embeddings=False,
+        norm_eps=1e-6,
+    ),
+}
+# What the serving and training tests run: a plain Mamba layer and a Mamba + MoE layer.
+HYBRID = dict(layers=[LayerSpec("mamba", None), LayerSpec("mamba", "moe")], d_ff=48, n_experts=4, top_k=1)
+
+
+def tiny_config(vocab_size: int = 97, layout: str | None = None, **kw) -> ModelConfig:
+    """The tests' one tiny model: d_model 32, d_state 8, the layers of LAYOUTS[layout] (default HYBRID)."""
+    base = dict(vocab_size=vocab_size, d_model=32, d_state=8, **(LAYOUTS[layout] if layout else HYBRID))
     return ModelConfig(**{**base, **kw})
+
+
+def tiny(layout: str, **kw) -> HybridLM:
+    """A tiny model of one of LAYOUTS (vocab 97) in eval mode."""
+    return HybridLM(tiny_config(97, layout, **kw)).eval()
+
+
+def greedy(model: HybridLM, tok, prompt_ids: list[int], max_tokens: int) -> str:
+    """The obvious loop: one sequence, prefill, then argmax decode until a stop token or max_tokens."""
+    logits, state = model.prefill(torch.tensor([prompt_ids]), model.empty_state(1))
+    out = []
+    for _ in range(max_tokens):
+        t = int(logits[0, : tok.vocab_size].argmax())
+        if t in tok.stop_token_ids:
+            break
+        out.append(t)
+        logits, state = model.decode(torch.tensor([t]), state)
+    return tok.decode(out)
 
 
 def make_tiny_checkpoint(directory: Path, **kw) -> Path:

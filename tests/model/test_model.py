@@ -3,28 +3,9 @@
 import pytest
 import torch
 
-from model import HybridLM, LayerSpec, ModelConfig, ModelState, preset
+from model import HybridLM, ModelState, preset
 from model.packed import pack_linears
-
-LAYOUTS = {
-    "mamba": dict(layers=[LayerSpec("mamba", None)] * 3),
-    "moe-mamba": dict(layers=[LayerSpec("mamba", "moe")] * 2, d_ff=48, n_experts=4, top_k=1),
-    "jamba": dict(
-        layers=[LayerSpec("mamba", "mlp"), LayerSpec("mamba", "moe")],
-        d_ff=40,
-        n_experts=4,
-        top_k=2,
-        mixer_norms=True,
-        residual_in_fp32=False,
-        tie_embeddings=False,
-        norm_eps=1e-6,
-    ),
-}
-
-
-def tiny(layout: str, **kw) -> HybridLM:
-    cfg = ModelConfig(vocab_size=97, d_model=32, d_state=8, d_conv=4, expand=2, **LAYOUTS[layout], **kw)
-    return HybridLM(cfg).eval()
+from tests.helpers import LAYOUTS, tiny  # test_packed.py imports them from here too
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
