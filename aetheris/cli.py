@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from training.generate import generate
+    from aetheris.generate import generate
 
     generate(args)
 

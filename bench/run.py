@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from aetheris.defaults import DEFAULT_MODEL_DIR as DEFAULT_MODEL  # noqa: E402
 from bench import common, ours  # noqa: E402
 from bench import hf as hf_bench  # noqa: E402
 from bench import http_load as http_bench  # noqa: E402
@@ -28,7 +29,6 @@ from model.packed import NO_BF16_ENV, can_pack, pack_linears  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"
-DEFAULT_MODEL = ROOT / "checkpoints" / "aetheris-hybrid"
 
 
 class NotSupported(Exception):
@@ -101,7 +101,7 @@ def prefill_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> d
 
 def server_suite(args, hf_dir: Path) -> dict:
     """Peak RSS with 1 and 32 live sequences, and 32 streaming clients vs the offline engine at batch 32."""
-    from tests.serverproc import ServerProcess
+    from aetheris.serverproc import ServerProcess
 
     out = {}
     s = ServerProcess(

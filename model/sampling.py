@@ -90,3 +90,9 @@ def top_logprobs(logprobs: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tens
         return chosen_lp, empty, empty.long()
     vals, ids = logprobs.topk(k, dim=-1)
     return chosen_lp, vals, ids
+
+
+def sampleable_vocab(model_vocab: int, tokenizer_vocab: int) -> int:
+    """How many logit rows name a token: checkpoints pad the embedding past the tokenizer (mamba-130m's 50277
+    tokens sit in 50280 rows), and the padding rows must never be sampled or scored."""
+    return min(model_vocab, tokenizer_vocab)

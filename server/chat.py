@@ -56,14 +56,13 @@ def build_request(serving: Serving, body: ChatCompletionRequest) -> GenerationRe
     serving.check_model(body.model)
     if (bad := body.unsupported()) is not None:
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = [m.to_template() for m in body.messages]
     try:
         prompt = serving.tokenizer.encode_chat(messages)
     except Exception as e:  # the checkpoint's chat template refused these messages
         raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.to_sampling_params(
-        max_tokens=serving.settings.default_max_tokens if max_tokens is None else max_tokens,
+        max_tokens=body.max_new_tokens(serving.settings.default_max_tokens),
         logit_bias=serving.logit_bias(body.logit_bias),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )

@@ -6,7 +6,7 @@ the ones before it (what lm-evaluation-harness's `local-completions` needs for l
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from fastapi import Request
 
@@ -51,7 +51,7 @@ def build_requests(serving: Serving, body: CompletionRequest) -> list[tuple[str,
     reqs = []
     for i, (text, ids) in enumerate(_prompts(serving, body.prompt)):
         params = body.to_sampling_params(
-            max_tokens=16 if body.max_tokens is None else body.max_tokens,
+            max_tokens=body.max_new_tokens,
             logit_bias=serving.logit_bias(body.logit_bias),
             logprobs=body.logprobs,
             prompt_logprobs=body.echo and body.logprobs is not None,
@@ -61,18 +61,22 @@ def build_requests(serving: Serving, body: CompletionRequest) -> list[tuple[str,
 
 
 class _Logprobs:
-    """Accumulates the legacy completions logprobs object for one choice."""
+    """The legacy completions logprobs object of one choice, built from (token id, logprob) pairs; text
+    offsets continue from one call to the next, so a stream builds one object per delta."""
 
     def __init__(self, serving: Serving, offset: int) -> None:
-        self.serving, self.offset, self.obj = serving, offset, CompletionLogprobs()
+        self.serving, self.offset = serving, offset
 
-    def add(self, token_id: int, lp: TokenLogprob | None) -> None:
-        text = self.serving.token_text(token_id)
-        self.obj.tokens.append(text)
-        self.obj.token_logprobs.append(None if lp is None else lp.logprob)
-        self.obj.top_logprobs.append(None if lp is None else {self.serving.token_text(t): v for t, v in lp.top})
-        self.obj.text_offset.append(self.offset)
-        self.offset += len(text)
+    def build(self, pairs: Iterable[tuple[int, TokenLogprob | None]]) -> CompletionLogprobs:
+        obj = CompletionLogprobs()
+        for token_id, lp in pairs:
+            text = self.serving.token_text(token_id)
+            obj.tokens.append(text)
+            obj.token_logprobs.append(None if lp is None else lp.logprob)
+            obj.top_logprobs.append(None if lp is None else {self.serving.token_text(t): v for t, v in lp.top})
+            obj.text_offset.append(self.offset)
+            self.offset += len(text)
+        return obj
 
 
 async def create_completion(serving: Serving, body: CompletionRequest, request: Request):
@@ -95,29 +99,25 @@ async def _collect(serving: Serving, body: CompletionRequest, reqs, streams: lis
     n = body.n
     texts = [text if body.echo else "" for text, _ in reqs for _ in range(n)]
     finish: list[str | None] = [None] * len(texts)
-    lps = [_Logprobs(serving, 0 if body.echo else len(text)) for text, _ in reqs for _ in range(n)]
+    pairs: list[list[tuple[int, TokenLogprob | None]]] = [[] for _ in texts]  # (token id, logprob) per choice
     usage = Usage(0, 0, 0)
     async for p, out in merge(streams):
         if out.prompt_logprobs is not None:  # echo: the prompt's tokens lead each choice's logprobs
-            prompt_ids = reqs[p][1].prompt_ids
             for j in range(n):
-                for tok, lp in zip(prompt_ids, out.prompt_logprobs):
-                    lps[p * n + j].add(tok, lp)
+                pairs[p * n + j] += zip(reqs[p][1].prompt_ids, out.prompt_logprobs)
         for d in out.deltas:
             k = p * n + d.index
             texts[k] += d.text
-            for tok, lp in zip(d.token_ids, d.logprobs or [None] * len(d.token_ids)):
-                lps[k].add(tok, lp)
+            pairs[k] += zip(d.token_ids, d.logprobs or [None] * len(d.token_ids))
             finish[k] = d.finish_reason or finish[k]
-        if out.usage:
-            usage = Usage(
-                usage.prompt_tokens + out.usage.prompt_tokens,
-                usage.completion_tokens + out.usage.completion_tokens,
-                usage.cached_tokens + out.usage.cached_tokens,
-            )
+        usage += out.usage or Usage(0, 0, 0)
+    offsets = [0 if body.echo else len(text) for text, _ in reqs for _ in range(n)]
     choices = [
         CompletionChoice(
-            index=k, text=texts[k], finish_reason=finish[k], logprobs=lps[k].obj if body.logprobs is not None else None
+            index=k,
+            text=texts[k],
+            finish_reason=finish[k],
+            logprobs=_Logprobs(serving, offsets[k]).build(pairs[k]) if body.logprobs is not None else None,
         )
         for k in range(len(texts))
     ]
@@ -148,17 +148,9 @@ async def _stream(serving: Serving, body: CompletionRequest, reqs, streams, incl
             k = p * n + d.index
             lp = None
             if body.logprobs is not None and d.token_ids:
-                lps[k] = _Logprobs(serving, lps[k].offset)
-                for tok, tlp in zip(d.token_ids, d.logprobs):
-                    lps[k].add(tok, tlp)
-                lp = lps[k].obj
+                lp = lps[k].build(zip(d.token_ids, d.logprobs))
             if d.text or lp or d.finish_reason:
                 yield chunk([CompletionChoice(index=k, text=d.text, logprobs=lp, finish_reason=d.finish_reason)])
-        if out.usage:
-            usage = Usage(
-                usage.prompt_tokens + out.usage.prompt_tokens,
-                usage.completion_tokens + out.usage.completion_tokens,
-                usage.cached_tokens + out.usage.cached_tokens,
-            )
+        usage += out.usage or Usage(0, 0, 0)
     if include_usage:
         yield chunk([], usage_info(usage))

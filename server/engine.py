@@ -51,15 +51,6 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def num_waiting(self) -> int:
-        with self._lock:
-            return self.num_waiting_locked()
-
-    def num_waiting_locked(self) -> int:
-        """Requests that will not find a free slot at the next iteration (the ones the queue bound is for)."""
-        free = self.core.pool.size - self.core.pool.used - sum(r.req.params.n for r in list(self.core.prefilling))
-        return max(0, self._queued + len(self.core.waiting) - max(0, free))
-
     # ---------------------------------------------------------------- requests
     def submit(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Queue a request (EngineOverloaded past max_queue) and return the iterator of its outputs.
@@ -70,7 +61,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._lock:
-            if self.num_waiting_locked() >= self.max_queue:
+            if self.core.scheduler.blocked(self._queued) >= self.max_queue:
                 raise EngineOverloaded(f"the server is busy: {self.max_queue} requests are already waiting")
             self._queued += 1
         self._inbox.put(("add", req, lambda out: self._outbox.append((loop, outputs, out))))

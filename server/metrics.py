@@ -55,8 +55,9 @@ class Metrics:
 
     def observe_core(self, core) -> None:
         """Gauges after each scheduler iteration, and the MoE routing counts since the last one."""
-        self.running.set(len({s.request_id for s in core.running} | {r.req.request_id for r in core.prefilling}))
-        self.waiting.set(len(core.waiting))
+        sched = core.scheduler
+        self.running.set(len({s.request_id for s in core.running} | {r.request_id for r in sched.prefilling}))
+        self.waiting.set(len(sched.waiting))
         self.slots_used.set(core.pool.used)
         self.slots_total.set(core.pool.size)
         self.cache_bytes.set(core.cache.bytes)

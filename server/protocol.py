@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .types import SamplingParams
+from .types import DEFAULT_MAX_TOKENS, SamplingParams
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
@@ -115,6 +115,11 @@ class ChatMessage(OpenAIModel):
             return self.content
         return "".join(p.text for p in self.content)
 
+    def to_template(self) -> dict[str, str]:
+        """The message as chat templates take it; templates know no "developer" role, which is OpenAI's
+        newer name for "system"."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -127,6 +132,12 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     functions: list[Any] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def max_new_tokens(self, default: int) -> int:
+        """max_completion_tokens, else the deprecated max_tokens, else the server's default."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return default if self.max_tokens is None else self.max_tokens
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a feature we cannot provide, else None."""
@@ -149,8 +160,12 @@ class CompletionRequest(SamplingFields):
     best_of: Annotated[int, Field(ge=1)] | None = None
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = DEFAULT_MAX_TOKENS
     suffix: str | None = None
+
+    @property
+    def max_new_tokens(self) -> int:
+        return DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
@@ -290,9 +305,19 @@ class TokenizeRequest(OpenAIModel):
     add_special_tokens: bool = True
 
 
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int | None = None  # a recurrent model has no context limit
+
+
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorBody(BaseModel):

@@ -19,7 +19,7 @@ class Serving:
     def __init__(self, settings: Settings, engine: Engine, tokenizer: Tokenizer) -> None:
         self.settings, self.engine, self.tokenizer = settings, engine, tokenizer
         self.model_name = settings.model_name
-        self.vocab = min(engine.model.config.vocab_size, tokenizer.vocab_size)
+        self.vocab = engine.core.vocab
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:

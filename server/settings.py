@@ -11,8 +11,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "aetheris-hybrid"
-DEFAULT_MODEL_NAME = "aetheris-hybrid"
+from aetheris.defaults import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
 
 
 class Settings(BaseSettings):

@@ -1,6 +1,6 @@
 """Server-sent events (sse-starlette) and client-disconnect handling shared by the completion routes.
 
-Conventions the OpenAI SDK relies on (shared/reference/serving.md §4): one `data: <json>` event per chunk,
+Conventions the OpenAI SDK relies on: one `data: <json>` event per chunk,
 `: ping` comments as keep-alives, an error after the stream started as a `data: {"error": ...}` event, and
 `data: [DONE]` last, always.
 """
@@ -59,25 +59,33 @@ def sse_response(events: AsyncIterator[dict], abort: Callable[[], None]) -> Even
     )
 
 
-async def until_disconnect(request: Request, work: Awaitable[T], abort: Callable[[], None], poll: float = 0.25) -> T:
-    """Run `work` (a non-streaming completion); if the client goes away, cancel it and abort its requests,
-    which frees their slots."""
+async def until_disconnect(request: Request, work: Awaitable[T], abort: Callable[[], None]) -> T:
+    """Run `work` (a non-streaming completion); if the client goes away first, cancel it and abort its
+    requests, which frees their slots at the engine's next iteration.
+
+    The body has been read when this runs, so the next message on the receive channel is http.disconnect;
+    waiting on it sees the client leave at once, with no polling."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                abort()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-                raise asyncio.CancelledError("client disconnected")
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        log.info("client disconnected; aborting its request")
+        raise asyncio.CancelledError("client disconnected")
     finally:
+        gone.cancel()
         if not task.done():
             task.cancel()
             abort()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the ASGI server reports that the client closed the connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat uses the server's --default-max-tokens
+
 
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full: the API answers 503 with Retry-After."""
@@ -15,7 +17,7 @@ class EngineError(RuntimeError):
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -57,6 +59,14 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        """Several prompts' usage as one (a completions request with a list of prompts)."""
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.cached_tokens + other.cached_tokens,
+        )
 
 
 @dataclass

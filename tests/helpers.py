@@ -5,7 +5,9 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from model import HybridLM, LayerSpec, ModelConfig
+import torch
+
+from model import HybridLM, LayerSpec, ModelConfig, ModelState
 from model.checkpoint import save_checkpoint
 from training.tokenizer import train_tokenizer
 
@@ -21,17 +23,67 @@ def toy_tokenizer(vocab_size: int = 300):
     return train_tokenizer(TOY_TEXT, vocab_size)
 
 
-def tiny_config(vocab_size: int, **kw) -> ModelConfig:
-    base = dict(
-        vocab_size=vocab_size,
-        d_model=32,
-        layers=[LayerSpec("mamba", None), LayerSpec("mamba", "moe")],
-        d_state=8,
-        d_ff=48,
+LAYOUTS = {
+    "mamba": dict(layers=[LayerSpec("mamba", None)] * 3),
+    "moe-mamba": dict(layers=[LayerSpec("mamba", "moe")] * 2, d_ff=48, n_experts=4, top_k=1),
+    "jamba": dict(
+        layers=[LayerSpec("mamba", "mlp"), LayerSpec("mamba", "moe")],
+        d_ff=40,
         n_experts=4,
-        top_k=1,
-    )
+        top_k=2,
+        mixer_norms=True,
+        residual_in_fp32=False,
+        tie_embeddings=False,
+        norm_eps=1e-6,
+    ),
+    # Mamba-1 + grouped-query attention with partial RoPE and biases + MoE: every kind of layer state.
+    "hybrid": dict(
+        layers=[LayerSpec("mamba", "mlp"), LayerSpec("attention", "moe"), LayerSpec("mamba", None)],
+        d_ff=40,
+        n_experts=4,
+        top_k=2,
+        n_heads=4,
+        n_kv_heads=2,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
+        attn_bias=True,
+    ),
+}
+# What the serving and training tests run by default: a plain Mamba layer and a Mamba + MoE layer.
+SERVING = dict(layers=[LayerSpec("mamba", None), LayerSpec("mamba", "moe")], d_ff=48, n_experts=4, top_k=1)
+
+
+def tiny_config(vocab_size: int = 97, layout: str | None = None, **kw) -> ModelConfig:
+    """The tests' one tiny model: d_model 32, d_state 8, the layers of LAYOUTS[layout] (default SERVING)."""
+    base = dict(vocab_size=vocab_size, d_model=32, d_state=8, **(LAYOUTS[layout] if layout else SERVING))
     return ModelConfig(**{**base, **kw})
+
+
+def tiny(layout: str, **kw) -> HybridLM:
+    """A tiny model of one of LAYOUTS (vocab 97) in eval mode."""
+    return HybridLM(tiny_config(97, layout, **kw)).eval()
+
+
+def assert_states_close(got: ModelState, want: ModelState, tol: float = 1e-5) -> None:
+    """Every tensor of two states equal within tol; growing ones (K/V) over the positions both hold."""
+    for (spec, a, layer), (_, b, _) in zip(got.items(), want.items()):
+        if spec.seq_axis is not None:
+            n = min(a.shape[1 + spec.seq_axis], b.shape[1 + spec.seq_axis])
+            a, b = a.narrow(1 + spec.seq_axis, 0, n), b.narrow(1 + spec.seq_axis, 0, n)
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=f"layer {layer}")
+
+
+def greedy(model: HybridLM, tok, prompt_ids: list[int], max_tokens: int) -> str:
+    """The obvious loop: one sequence, prefill, then argmax decode until a stop token or max_tokens."""
+    logits, state = model.prefill(torch.tensor([prompt_ids]), model.empty_state(1))
+    out = []
+    for _ in range(max_tokens):
+        t = int(logits[0, : tok.vocab_size].argmax())
+        if t in tok.stop_token_ids:
+            break
+        out.append(t)
+        logits, state = model.decode(torch.tensor([t]), state)
+    return tok.decode(out)
 
 
 def make_tiny_checkpoint(directory: Path, **kw) -> Path:

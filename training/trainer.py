@@ -81,7 +81,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = HybridLM(cfg.model.build(self.data.tokenizer.vocab_size)).to(self.dist.device)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
-        self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else None
+        self.objective = _Objective(self.model)
+        self.ddp = DistributedDataParallel(self.objective) if self.dist.enabled else None
         self._load = {i: torch.zeros(m.n_experts, dtype=torch.long) for i, m in self.model.moe_layers().items()}
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -111,7 +112,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         self.model.train()
-        net = self.ddp or self.model
+        net = self.ddp or self.objective
         micro = self._micro_batches()
         totals = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0}
         for i, (x, y) in enumerate(micro):
@@ -119,11 +120,10 @@ class Trainer:
             sync = self.ddp is None or i == len(micro) - 1
             ctx = self.ddp.no_sync() if not sync else nullcontext()
             with ctx, torch.autocast(self.dist.device.type, self.autocast, enabled=self.autocast is not None):
-                out = net(x)
-                ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())
-                c = self.model.config
-                loss = ce + c.aux_loss_coef * out.aux_loss + c.z_loss_coef * out.z_loss
+                loss, out = net(x, y)
                 (loss / len(micro)).backward()
+            c = self.model.config
+            ce = loss.detach() - c.aux_loss_coef * out.aux_loss.detach() - c.z_loss_coef * out.z_loss.detach()
             for k, v in zip(totals, (loss, ce, out.aux_loss, out.z_loss)):
                 totals[k] += v.item() / len(micro)
             for layer, r in zip(self._load, out.routers):  # this forward's routing, not recomputes or eval
@@ -251,3 +251,15 @@ def _yaml(d: dict) -> str:
     import yaml
 
     return yaml.safe_dump(d, sort_keys=False)
+
+
+class _Objective(torch.nn.Module):
+    """HybridLM.loss as a module's forward: DistributedDataParallel syncs gradients only for forwards that
+    go through it, and a method call on the wrapped model would bypass it."""
+
+    def __init__(self, model: HybridLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor):
+        return self.model.loss(tokens, targets)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible server, tested as users use it: a real process, the official SDK, httpx, curl-shaped
-raw requests. Expected texts come from a plain greedy loop over the model (tests/test_server.py::greedy)."""
+raw requests. Expected texts come from a plain greedy loop over the model (tests/helpers.py::greedy)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import openai
 import pytest
 import torch
 
+from aetheris.serverproc import ServerProcess
 from model.checkpoint import load_model
+from tests.helpers import greedy as greedy_loop
 from tests.helpers import make_tiny_checkpoint
-from tests.serverproc import ServerProcess
 
 MODEL = "tiny"
 
@@ -43,17 +44,7 @@ def reference(ckpt):
 
 
 def greedy(reference, prompt_ids: list[int], max_tokens: int) -> str:
-    """The obvious loop: one sequence, prefill, then argmax decode until a stop token or max_tokens."""
-    model, tok = reference
-    logits, state = model.prefill(torch.tensor([prompt_ids]), model.empty_state(1))
-    out = []
-    for _ in range(max_tokens):
-        t = int(logits[0, : tok.vocab_size].argmax())
-        if t in tok.stop_token_ids:
-            break
-        out.append(t)
-        logits, state = model.decode(torch.tensor([t]), state)
-    return tok.decode(out)
+    return greedy_loop(*reference, prompt_ids, max_tokens)
 
 
 def chat_ids(reference, messages) -> list[int]:
@@ -134,20 +125,26 @@ def test_stop_string_never_streamed(client, reference):
     assert text == full[: full.find(stop)] and stop not in text
 
 
-def test_logprobs(client):
+def test_logprobs_equal_a_forward_pass(client, reference):
+    """Each reported logprob and top-3 equals the log-softmax of one forward pass over prompt + reply."""
+    model, tok = reference
+    messages = [{"role": "user", "content": "lp"}]
     r = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "lp"}],
-        max_tokens=4,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=3,
+        model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
     )
     content = r.choices[0].logprobs.content
-    assert len(content) == 4
-    for tok in content:
-        assert len(tok.top_logprobs) == 3 and tok.logprob <= 0
-        assert abs(tok.logprob - tok.top_logprobs[0].logprob) < 1e-5  # greedy picks the most likely token
+    prompt = chat_ids(reference, messages)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(4):  # greedy by full forward passes, no recurrent state
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1, : tok.vocab_size].argmax()))
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1, : tok.vocab_size], -1)
+    top = lp.topk(3, dim=-1)
+    assert [c.token for c in content] == [tok.decode([t]) for t in ids[len(prompt) :]]
+    for i, c in enumerate(content):
+        assert abs(c.logprob - lp[i, ids[len(prompt) + i]].item()) < 1e-4
+        assert [t.token for t in c.top_logprobs] == [tok.decode([j]) for j in top.indices[i].tolist()]
+        assert max(abs(t.logprob - v) for t, v in zip(c.top_logprobs, top.values[i].tolist())) < 1e-4
 
 
 def test_completions_and_scoring(client, reference):
@@ -228,10 +225,25 @@ def test_disconnect_frees_slot(server):
             next(lines)
         assert server.metrics()["aetheris_slots_used"] == 1
     _wait_idle(server)
-    # A non-streaming request abandoned by its client is aborted too.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+
+
+def test_non_streaming_disconnect_frees_slot(server):
+    """A non-streaming request whose client gives up is aborted: 200,000 tokens would take minutes on any
+    machine, so a free slot 2 s after the client's 1 s timeout means the server saw it leave."""
     _wait_idle(server)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 200_000,
+        "ignore_eos": True,
+    }
+    before = server.metrics()["aetheris_generation_tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)
+    time.sleep(2.0)
+    m = server.metrics()
+    assert m["aetheris_generation_tokens_total"] > before  # it was decoding when the client left
+    assert m["aetheris_slots_used"] == 0 and m["aetheris_requests_running"] == 0
 
 
 BAD_BODIES = [
@@ -394,17 +406,31 @@ def test_logit_bias_and_penalties_change_sampling(client, reference):
     assert p.choices[0].text != q.choices[0].text
 
 
-def test_extreme_but_valid_values_do_not_disturb_others(client):
-    r = client.chat.completions.create(
-        model=MODEL,
+def test_extreme_but_valid_values_do_not_disturb_others(server):
+    """A greedy request's text alone equals its text when it shares decode batches with extreme samplers."""
+    messages = [{"role": "user", "content": "A calm request."}]
+    extreme = dict(
         messages=[{"role": "user", "content": "x"}],
-        max_tokens=3,
+        max_tokens=12,
         seed=2**64 - 1,
         top_p=0.5,
         temperature=1.5,
-        extra_body={"top_k": 2**62},
+        presence_penalty=2.0,
+        frequency_penalty=-2.0,
+        logit_bias={"5": 100, "6": -100},
+        extra_body={"top_k": 2**62, "ignore_eos": True},
     )
-    assert r.usage.completion_tokens >= 1
+
+    async def run():
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        calm = lambda: c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        alone = await calm()
+        amid = await asyncio.gather(calm(), *(c.chat.completions.create(model=MODEL, **extreme) for _ in range(4)))
+        return alone, amid
+
+    alone, amid = asyncio.run(run())
+    assert amid[0].choices[0].message.content == alone.choices[0].message.content
+    assert all(r.usage.completion_tokens == 12 for r in amid[1:])
 
 
 def test_streamed_oversized_body_gets_413(server):

@@ -13,9 +13,9 @@ import httpx
 import pytest
 import torch
 
+from aetheris.serverproc import ServerProcess
 from model.checkpoint import load_model
 from tests.helpers import make_tiny_checkpoint
-from tests.serverproc import ServerProcess
 
 CHROMIUM = os.environ.get("AETHERIS_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

@@ -6,7 +6,7 @@ import torch
 
 from model import HybridLM
 from model.attention import attention_reference, attention_sdpa, rope
-from tests.model.test_model import tiny
+from tests.helpers import tiny
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (3, 1)])

@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import HybridLM
-from model.checkpoint import load_model, save_checkpoint
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from tests.helpers import make_tiny_checkpoint, tiny_config, toy_tokenizer
 
 

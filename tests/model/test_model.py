@@ -4,48 +4,9 @@
 import pytest
 import torch
 
-from model import HybridLM, LayerSpec, ModelConfig, ModelState, preset
+from model import HybridLM, preset
 from model.packed import pack_linears
-
-LAYOUTS = {
-    "mamba": dict(layers=[LayerSpec("mamba", None)] * 3),
-    "moe-mamba": dict(layers=[LayerSpec("mamba", "moe")] * 2, d_ff=48, n_experts=4, top_k=1),
-    "jamba": dict(
-        layers=[LayerSpec("mamba", "mlp"), LayerSpec("mamba", "moe")],
-        d_ff=40,
-        n_experts=4,
-        top_k=2,
-        mixer_norms=True,
-        residual_in_fp32=False,
-        tie_embeddings=False,
-        norm_eps=1e-6,
-    ),
-    "hybrid": dict(
-        layers=[LayerSpec("mamba", "mlp"), LayerSpec("attention", "moe"), LayerSpec("mamba", None)],
-        d_ff=40,
-        n_experts=4,
-        top_k=2,
-        n_heads=4,
-        n_kv_heads=2,
-        rope_theta=10000.0,
-        partial_rotary_factor=0.5,
-        attn_bias=True,
-    ),
-}
-
-
-def assert_states_close(got: ModelState, want: ModelState, tol: float = 1e-5) -> None:
-    """Every tensor of two states equal within tol; growing ones (K/V) over the positions both hold."""
-    for (spec, a, layer), (_, b, _) in zip(got.items(), want.items()):
-        if spec.seq_axis is not None:
-            n = min(a.shape[1 + spec.seq_axis], b.shape[1 + spec.seq_axis])
-            a, b = a.narrow(1 + spec.seq_axis, 0, n), b.narrow(1 + spec.seq_axis, 0, n)
-        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=f"layer {layer}")
-
-
-def tiny(layout: str, **kw) -> HybridLM:
-    cfg = ModelConfig(vocab_size=97, d_model=32, d_state=8, d_conv=4, expand=2, **LAYOUTS[layout], **kw)
-    return HybridLM(cfg).eval()
+from tests.helpers import LAYOUTS, assert_states_close, tiny
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

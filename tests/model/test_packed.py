@@ -5,7 +5,7 @@ import torch
 
 from model.checkpoint import save_checkpoint
 from model.packed import NO_BF16_ENV, PackedLinear, can_pack, pack_if_supported, pack_linears, packable_dtype
-from tests.model.test_model import LAYOUTS, assert_states_close, tiny
+from tests.helpers import LAYOUTS, assert_states_close, tiny
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 CPU_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX512-BF16 / AMX or AVX-NE-CONVERT: not on every CPU

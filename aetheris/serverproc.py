@@ -1,4 +1,5 @@
-"""Start a real `python -m server` process on a free port and wait until /health says it is ready."""
+"""Start a real `python -m server` process on a free port and wait until /health says it is ready (the
+integration tests and the HTTP benchmark use it)."""
 
 from __future__ import annotations
 

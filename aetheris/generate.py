@@ -8,8 +8,10 @@ import sys
 import torch
 
 from model.checkpoint import load_model
-from model.sampling import SamplingBatch, sample
+from model.sampling import SamplingBatch, sample, sampleable_vocab
 from model.tokenizer import IncrementalDetokenizer
+
+from .defaults import DEFAULT_MODEL_DIR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,8 +35,6 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def generate(args: argparse.Namespace, out=sys.stdout) -> str:
-    from server.settings import DEFAULT_MODEL_DIR
-
     check_options(args)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
@@ -50,7 +50,7 @@ def generate(args: argparse.Namespace, out=sys.stdout) -> str:
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     params = SamplingBatch.uniform(1, args.temperature, args.top_k, args.top_p)
     params.generators = [gen]
-    vocab = min(model.config.vocab_size, tok.vocab_size)
+    vocab = sampleable_vocab(model.config.vocab_size, tok.vocab_size)
     logits, state = model.prefill(torch.tensor([ids], dtype=torch.long, device=device), model.empty_state(1, device))
     detok, text = IncrementalDetokenizer(tok), []
     for _ in range(args.max_tokens):

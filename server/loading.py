@@ -1,0 +1,105 @@
+"""Loading the model into a running engine, and the app lifespan that does it in the background.
+
+The server listens before the model is ready: /health answers 503 ("loading") until `ModelHolder.serving`
+is set, and 200 after; the API routes answer 503 meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import torch
+from fastapi import FastAPI
+
+from model.checkpoint import load_model
+from model.packed import can_pack, pack_linears
+
+from .core import CoreConfig
+from .engine import Engine
+from .metrics import Metrics
+from .serving import Serving
+from .settings import Settings
+
+log = logging.getLogger("aetheris.api")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _speed_up(model, settings: Settings) -> None:
+    """Pack and compile as the settings ask; a failed compile leaves the eager path serving."""
+    if settings.pack_weights and can_pack(model):
+        log.info("packed %d Linear layers for oneDNN", pack_linears(model))
+    if settings.compile:
+        t0 = time.perf_counter()
+        try:
+            model.compile_inference()
+            log.info("compiled the decode step and the prefill scan in %.1f s", time.perf_counter() - t0)
+        except Exception as e:  # an optimisation: serve eagerly rather than not at all
+            log.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e)[:300])
+
+
+def build_serving(settings: Settings, metrics: Metrics) -> Serving:
+    """Load the model and start the engine (runs in a worker thread)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    dtype = DTYPES.get(settings.dtype)
+    if dtype is None and device.type == "cuda":
+        dtype = torch.bfloat16
+    model, tokenizer = load_model(settings.model, device, dtype)
+    if tokenizer is None:
+        raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
+    total, active = model.num_parameters()  # before packing, which moves weights out of the parameters
+    _speed_up(model, settings)
+    cfg = CoreConfig(settings.max_batch_size, settings.prefill_budget, int(settings.state_cache_mb * (1 << 20)))
+    engine = Engine(model, tokenizer, cfg, settings.max_queue, metrics).start()
+    log.info(
+        "serving %s as '%s' on %s (%s): %.1fM parameters, %.1fM active",
+        settings.model,
+        settings.model_name,
+        device,
+        model.embeddings.weight.dtype,
+        total / 1e6,
+        active / 1e6,
+    )
+    return Serving(settings, engine, tokenizer)
+
+
+class ModelHolder:
+    """The app's one loaded model: None while loading, or the error that stopped it loading."""
+
+    def __init__(self, settings: Settings, serving: Serving | None = None) -> None:
+        self.settings = settings
+        self.serving = serving
+        self.error: str | None = None
+        self.metrics = serving.engine.metrics if serving is not None and serving.engine.metrics else Metrics()
+
+    def load(self) -> None:
+        try:
+            self.serving = build_serving(self.settings, self.metrics)
+        except Exception as e:
+            log.exception("loading the model failed")
+            self.error = f"{type(e).__name__}: {e}"
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start loading when the server starts (the loader runs beside the event loop); stop the engine at exit."""
+    holder: ModelHolder = app.state.holder
+    if holder.serving is None:
+        threading.Thread(target=holder.load, name="aetheris-load", daemon=True).start()
+    yield
+    if holder.serving is not None:
+        await asyncio.to_thread(holder.serving.engine.shutdown)

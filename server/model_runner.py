@@ -1,0 +1,98 @@
+"""The model runner: prefill and decode calls on the state pool, and the snapshots that let a later prompt
+skip a prefix it has already seen. Every access to recurrent state goes through here and StatePool.
+
+Glossary: B running sequences, V sampleable vocab.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from model import HybridLM
+
+from .scheduler import RequestState
+from .sequence import Sequence
+from .state_pool import PrefixCache, Snapshot, StatePool
+
+
+class ModelRunner:
+    def __init__(
+        self, model: HybridLM, slots: int, cache_bytes: int, vocab: int, max_model_len: int = 0, metrics=None
+    ) -> None:
+        self.model, self.vocab, self.metrics = model, vocab, metrics
+        self.device = model.embeddings.weight.device
+        self.pool = StatePool(model, slots, self.device, max_model_len)
+        self.cache = PrefixCache(cache_bytes)
+
+    @property
+    def running(self) -> list[Sequence]:
+        """Decoding sequences, in pool row order."""
+        return self.pool.rows
+
+    def begin(self, r: RequestState) -> Snapshot | None:
+        """Start a prompt from its longest cached prefix, or from the empty state. Prompt logprobs need every
+        prompt position's logits, which a snapshot does not keep, so those requests start from scratch."""
+        snap = None if r.req.params.prompt_logprobs else self.cache.lookup(r.req.prompt_ids)
+        if snap is not None:
+            r.state, r.last_logits = snap.state, snap.last_logits
+            r.computed = r.cached = len(snap.tokens)
+        else:
+            r.state = self.model.empty_state(1, self.device)
+        if self.metrics is not None:
+            self.metrics.observe_cache(snap is not None, r.cached)
+        return snap
+
+    def prefill(self, r: RequestState, chunk: list[int]) -> Tensor | None:
+        """Fold `chunk` into the request's state. Returns the chunk's (n, V) logits when the request wants
+        prompt logprobs, else None; r.last_logits always ends as the logits after the chunk."""
+        tokens = torch.tensor([chunk], device=self.device)  # (1, n)
+        want_all = r.req.params.prompt_logprobs
+        logits, r.state = self.model.prefill(tokens, r.state, all_logits=want_all)
+        every = logits[0, :, : self.vocab] if want_all else None
+        r.last_logits = every[-1] if want_all else logits[0]
+        r.computed += len(chunk)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(chunk))
+        return every
+
+    def start_decoding(self, r: RequestState) -> Tensor:
+        """The prompt is in the state: snapshot it, fork it into one pool row per choice; returns the logits
+        (n, V) the first tokens are sampled from."""
+        self.snapshot_prompt(r)
+        self.pool.add(r.seqs, r.state, len(r.req.prompt_ids))
+        r.state = None
+        return self._sampleable(r.last_logits.unsqueeze(0).expand(len(r.seqs), -1))
+
+    def snapshot_prompt(self, r: RequestState) -> None:
+        if r.cached < len(r.req.prompt_ids):
+            self.cache.put(r.req.prompt_ids, r.state, r.last_logits)
+
+    def decode(self) -> tuple[list[Sequence], Tensor]:
+        """ONE batched step over every running sequence, in place on the pool's rows: (seqs, logits (B, V))."""
+        seqs = list(self.running)  # row order
+        tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)  # (B,)
+        t0 = time.perf_counter()
+        rows = self.pool.view()
+        logits, _ = self.model.decode(tokens, rows, out=rows)  # the pool rows now hold the new state
+        self.pool.advance()
+        if self.metrics is not None:
+            self.metrics.observe_decode(len(seqs), time.perf_counter() - t0)
+        return seqs, self._sampleable(logits)
+
+    def finish(self, seq: Sequence, tokens: list[int], logits: Tensor | None) -> None:
+        """Free a finished sequence's row. After a decode step (`logits` given) the row summarises `tokens`
+        (prompt + all outputs but the last): keep it, where the next turn of a chat resumes."""
+        if logits is not None and seq.slot >= 0:
+            self.cache.put(tokens, self.pool.row(seq.slot), logits)
+        self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Give a sequence's pool row back, exactly once."""
+        if seq.slot >= 0:
+            self.pool.remove(seq)
+
+    def _sampleable(self, logits: Tensor) -> Tensor:
+        return logits[:, : self.vocab].float()

@@ -1,0 +1,90 @@
+"""The HTTP routes, one router per endpoint group; each handler hands its work to the module named after it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import tokenize as tokenize_mod
+from .chat import create_chat_completion
+from .completions import create_completion
+from .deps import ServingDep, get_holder, require_api_key
+from .errors import error_response
+from .loading import ModelHolder
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    now,
+)
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+HolderDep = Annotated[ModelHolder, Depends(get_holder)]
+
+openai_router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+tokenizer_router = APIRouter(dependencies=[Depends(require_api_key)])
+ops_router = APIRouter()
+page_router = APIRouter(include_in_schema=False)
+
+
+@openai_router.get("/models")
+async def list_models(s: ServingDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=s.model_name, created=now())])
+
+
+@openai_router.get("/models/{model_id:path}")
+async def get_model(model_id: str, s: ServingDep) -> ModelCard:
+    s.check_model(model_id)
+    return ModelCard(id=s.model_name, created=now())
+
+
+@openai_router.post("/chat/completions")
+async def chat(body: ChatCompletionRequest, request: Request, s: ServingDep):
+    return await create_chat_completion(s, body, request)
+
+
+@openai_router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, s: ServingDep):
+    return await create_completion(s, body, request)
+
+
+@tokenizer_router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, s: ServingDep) -> TokenizeResponse:
+    return tokenize_mod.tokenize(s, body)
+
+
+@tokenizer_router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, s: ServingDep) -> DetokenizeResponse:
+    return tokenize_mod.detokenize(s, body)
+
+
+@ops_router.get("/health")
+async def health(holder: HolderDep):
+    s = holder.serving
+    if s is None:
+        status = "failed" if holder.error else "loading"
+        return error_response(503, holder.error or "the model is still loading", code=f"model_{status}")
+    if not s.engine.alive:
+        return error_response(503, "the engine thread has stopped", code="engine_dead")
+    return {"status": "ok", "model": s.model_name}
+
+
+@ops_router.get("/metrics")
+async def metrics(holder: HolderDep) -> Response:
+    return Response(generate_latest(holder.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@page_router.get("/")
+async def index():
+    if PAGE.exists():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+    return JSONResponse({"message": "Aetheris is running; the API is under /v1"})

@@ -1,0 +1,132 @@
+"""The scheduler: which requests run this iteration. It admits waiting requests while pool slots remain and
+plans prompt chunks under the per-iteration prefill budget; it runs no model code.
+
+Every running sequence decodes at each iteration (continuous batching), so the scheduler's choices are
+admission and prefill. A request's computed-token count chases its prompt length (vLLM's framing).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from model import ModelState
+from model.tokenizer import Tokenizer
+
+from .sequence import Sequence
+from .state_pool import StatePool
+from .types import GenerationRequest, RequestOutput, TokenLogprob
+
+Emit = Callable[[RequestOutput], None]
+
+
+@dataclass
+class RequestState:
+    """A request inside the engine, from arrival to its last output."""
+
+    req: GenerationRequest
+    emit: Emit
+    arrival: float = field(default_factory=time.perf_counter)
+    seqs: list[Sequence] = field(default_factory=list)
+    state: ModelState | None = None  # (one row) the prompt so far, while prefilling
+    computed: int = 0  # prompt tokens already folded into `state`
+    cached: int = 0  # of which restored from a snapshot
+    last_logits: Tensor | None = None  # (V,) after the last computed prompt token
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.req.request_id
+
+
+@dataclass
+class Admission:
+    admitted: list[RequestState] = field(default_factory=list)  # hold slots from now on; need a start state
+    rejected: list[tuple[RequestState, str]] = field(default_factory=list)  # invalid parameters: (request, why)
+
+
+@dataclass
+class PrefillChunk:
+    request: RequestState
+    start: int  # prompt positions [start, end); empty when the prompt is already computed (a full cache hit)
+    end: int
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.request.req.prompt_ids[self.start : self.end]
+
+    @property
+    def completes(self) -> bool:
+        return self.end == len(self.request.req.prompt_ids)
+
+
+class Scheduler:
+    def __init__(self, pool: StatePool, prefill_budget: int, tokenizer: Tokenizer) -> None:
+        self.pool, self.prefill_budget, self.tokenizer = pool, prefill_budget, tokenizer
+        self.stop_ids = set(tokenizer.stop_token_ids)
+        self.waiting: deque[RequestState] = deque()
+        self.prefilling: list[RequestState] = []
+        self.requests: dict[str, RequestState] = {}
+
+    def add(self, r: RequestState) -> None:
+        self.requests[r.request_id] = r
+        self.waiting.append(r)
+
+    def remove(self, request_id: str) -> RequestState | None:
+        """Forget a request wherever it is; its pool rows are the runner's to free."""
+        r = self.requests.pop(request_id, None)
+        if r is not None and r in self.waiting:
+            self.waiting.remove(r)
+        if r is not None and r in self.prefilling:
+            self.prefilling.remove(r)
+        return r
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.pool.used)
+
+    def free_slots(self) -> int:
+        """Slots neither running nor reserved by a prefilling request (a request with n choices needs n).
+        The event loop reads this too, hence the copy of a list the engine thread changes."""
+        return self.pool.size - self.pool.used - sum(r.req.params.n for r in list(self.prefilling))
+
+    def blocked(self, queued: int) -> int:
+        """Requests that will not find a free slot at the next iteration, counting `queued` not yet added."""
+        return max(0, queued + len(self.waiting) - max(0, self.free_slots()))
+
+    def admit(self) -> Admission:
+        """Move waiting requests, in arrival order, to prefilling while their n slots are free."""
+        out = Admission()
+        while self.waiting and self.waiting[0].req.params.n <= self.free_slots():
+            r = self.waiting.popleft()
+            p = r.req.params
+            try:
+                r.seqs = [Sequence.create(r.request_id, i, p, self.tokenizer, self.stop_ids) for i in range(p.n)]
+            except (ValueError, RuntimeError, OverflowError) as e:  # this request's parameters, not the engine
+                self.requests.pop(r.request_id, None)
+                out.rejected.append((r, f"invalid request: {e}"))
+                continue
+            self.prefilling.append(r)
+            out.admitted.append(r)
+        return out
+
+    def plan_prefill(self) -> list[PrefillChunk]:
+        """Prompt chunks for this iteration, in admission order, within the token budget. A request whose
+        chunk completes its prompt leaves `prefilling`: the runner puts it in the pool this iteration."""
+        budget, chunks = self.prefill_budget, []
+        for r in list(self.prefilling):
+            start = end = r.computed
+            if start < len(r.req.prompt_ids):
+                if budget <= 0:
+                    break
+                end = min(len(r.req.prompt_ids), start + budget)
+                budget -= end - start
+            chunk = PrefillChunk(r, start, end)
+            if chunk.completes:
+                self.prefilling.remove(r)
+            chunks.append(chunk)
+        return chunks
