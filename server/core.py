@@ -37,6 +37,7 @@ class CoreConfig:
     max_batch_size: int = 32  # state slots = the most sequences decoding at once
     prefill_budget: int = 512  # prompt tokens prefilled per iteration, over all requests
     state_cache_bytes: int = 256 << 20  # snapshot cache budget (0 disables prefix reuse)
+    max_model_len: int = 0  # most tokens (prompt + output) a sequence may hold; 0 = unlimited (pure SSM models)
 
 
 class EngineCore:
