@@ -45,9 +45,7 @@ def test_reference_matches_definition():
     for t in range(3):
         for hd in range(4):
             g = hd // 2  # two heads per group
-            h[:, hd] = torch.exp(dt[:, t, hd] * A[hd]) * h[:, hd] + dt[:, t, hd] * torch.outer(
-                x[0, t, hd], Bm[0, t, g]
-            )
+            h[:, hd] = torch.exp(dt[:, t, hd] * A[hd]) * h[:, hd] + dt[:, t, hd] * torch.outer(x[0, t, hd], Bm[0, t, g])
             y_t = h[0, hd] @ Cm[0, t, g] + D[hd] * x[0, t, hd]
             torch.testing.assert_close(y[0, t, hd], y_t, **TOL)
     torch.testing.assert_close(h_last, h, **TOL)
