@@ -210,3 +210,117 @@ def test_bf16_step_matches_forward():
     torch.testing.assert_close(out_dec.float(), out.float(), atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(state_dec["ssm"], state["ssm"], atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(state_dec["conv"], state["conv"], atol=0, rtol=0)
+
+
+# --- parity with transformers' Mamba-2 family (their PyTorch paths; no CUDA kernels on this machine) ------
+
+# Each builder returns (HF mixer, our constructor kwargs) for the same odd sizes: D 15, H 6 in G 3, P 5, N 7.
+
+
+def _hf_mamba2():
+    from transformers.models.mamba2.configuration_mamba2 import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HF
+
+    cfg = Mamba2Config(
+        hidden_size=15, expand=2, num_heads=6, head_dim=5, state_size=7, n_groups=3, chunk_size=8,
+        num_hidden_layers=1, layer_norm_epsilon=1e-5, use_bias=True, time_step_limit=(0.0, float("inf")),
+    )  # fmt: skip
+    return HF(cfg, 0), dict(proj_bias=True)
+
+
+def _hf_bamba(module="bamba"):
+    """Bamba's mixer; GraniteMoeHybrid's is a copy of it (module="granitemoehybrid"). A finite dt limit."""
+    if module == "bamba":
+        from transformers.models.bamba.configuration_bamba import BambaConfig as Config
+        from transformers.models.bamba.modeling_bamba import BambaMixer as HF
+    else:
+        from transformers.models.granitemoehybrid.configuration_granitemoehybrid import (
+            GraniteMoeHybridConfig as Config,
+        )
+        from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer as HF
+    cfg = Config(
+        hidden_size=15, mamba_expand=2, mamba_n_heads=6, mamba_d_head=5, mamba_d_state=7, mamba_n_groups=3,
+        mamba_chunk_size=8, num_hidden_layers=1, rms_norm_eps=1e-5, num_attention_heads=1, num_key_value_heads=1,
+        time_step_limit=(0.3, 0.9), mamba_proj_bias=module == "bamba",
+    )  # fmt: skip
+    return HF(cfg, 0), dict(proj_bias=module == "bamba", time_step_limit=(0.3, 0.9))
+
+
+def _hf_nemotron_h():
+    """NemotronH clamps dt from below only, at time_step_min."""
+    from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer as HF
+
+    cfg = NemotronHConfig(
+        hidden_size=15, mamba_num_heads=6, mamba_head_dim=5, ssm_state_size=7, n_groups=3, chunk_size=8,
+        layers_block_type=["mamba"], layer_norm_epsilon=1e-5, time_step_min=0.3, num_attention_heads=1,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    return HF(cfg, 0), dict(time_step_limit=(0.3, math.inf))
+
+
+def _hf_falcon_h1():
+    """Falcon-H1 with its gated norm on and norm_before_gate=True; its muP multipliers left at 1."""
+    from transformers.models.falcon_h1.configuration_falcon_h1 import FalconH1Config
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer as HF
+    from transformers.models.falcon_h1.modeling_falcon_h1 import compute_mup_vector
+
+    cfg = FalconH1Config(
+        hidden_size=15, mamba_expand=2, mamba_n_heads=6, mamba_d_head=5, mamba_d_state=7, mamba_n_groups=3,
+        mamba_chunk_size=8, num_hidden_layers=1, rms_norm_eps=1e-5, num_attention_heads=1, num_key_value_heads=1,
+        mamba_d_ssm=30, mamba_rms_norm=True, mamba_norm_before_gate=True, time_step_limit=(0.0, float("inf")),
+    )  # fmt: skip
+    hf = HF(cfg, 0)
+    mup = compute_mup_vector(cfg)
+    assert torch.equal(mup, torch.ones_like(mup))  # so its in_proj output is the plain one
+    hf.register_buffer("mup_vector", mup, persistent=False)  # FalconH1Model registers it on each layer
+    return hf, dict(norm_before_gate=True)
+
+
+HF_BUILDERS = {
+    "mamba2": _hf_mamba2,
+    "bamba": _hf_bamba,
+    "granitemoehybrid": lambda: _hf_bamba("granitemoehybrid"),
+    "nemotron_h": _hf_nemotron_h,
+    "falcon_h1": _hf_falcon_h1,
+}
+
+
+@pytest.mark.parametrize("family", list(HF_BUILDERS))
+def test_hf_parity(family):
+    """HF's weights load into ours by name (strict); outputs agree on a sequence spanning 3 chunks (21 > 8).
+    The dt limits bind at the ends the family has, so the clamp is exercised where it exists."""
+    pytest.importorskip("transformers", reason="transformers is the reference implementation")
+    hf, kw = HF_BUILDERS[family]()
+    hf.eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    ours = Mamba2Mixer(**SIZES, chunk_size=8, norm_eps=1e-5, **kw).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    u = torch.randn(2, 21, 15)
+    with torch.no_grad():
+        expected = hf(u)  # no cache: HF's chunked torch path from a zero state
+        out, _ = ours(u)
+        lo, hi = ours.time_step_limit
+        raw = F.softplus(ours._split(ours.in_proj(u))[2] + ours.dt_bias)
+    assert (lo == 0 or (raw < lo).any()) and (hi == math.inf or (raw > hi).any())
+    torch.testing.assert_close(out, expected, **HF_TOL)
+
+
+def test_ssd_matches_hf_chunk_scan_from_an_initial_state():
+    """HF's chunked scan function, given an initial state and asked for the final one, agrees with ours:
+    the state layout (B, H, P, N) and its continuation are HF's."""
+    pytest.importorskip("transformers", reason="transformers is the reference implementation")
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    x, _, A, Bm, Cm, D, h0 = _ssd_inputs(L=21)
+    dt_raw, dt_bias = torch.randn(2, 21, 6), torch.randn(6)
+    y_hf, h_hf = mamba2_chunk_scan(
+        x, dt_raw, A, Bm, Cm, chunk_size=8, D=D, dt_bias=dt_bias, initial_states=h0, dt_softplus=True,
+        dt_limit=(0.2, 1.5), return_final_states=True,
+    )  # fmt: skip
+    dt = F.softplus(dt_raw + dt_bias).clamp(0.2, 1.5)
+    y, h = ssd_chunked(x, dt, A, Bm, Cm, D, h0, chunk_size=8)
+    torch.testing.assert_close(y, y_hf, **HF_TOL)
+    torch.testing.assert_close(h, h_hf, **HF_TOL)
