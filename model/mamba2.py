@@ -66,9 +66,9 @@ def segment_sum(a: Tensor) -> Tensor:
     Summed directly by a masked cumsum rather than as cumsum[i] - cumsum[j]: over a long chunk the two
     cumsums grow large and their difference would lose the small decays that matter."""
     Q = a.shape[-1]
-    strict = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
-    S = torch.cumsum(a[..., :, None].expand(*a.shape, Q).masked_fill(~strict, 0.0), dim=-2)  # (..., Q, Q)
-    return S.masked_fill(~strict.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), -math.inf)
+    lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()
+    S = torch.cumsum(torch.where(lower.tril(-1), a[..., :, None], 0.0), dim=-2)  # (..., Q, Q): row k holds a[k]
+    return S.masked_fill_(~lower, -math.inf)  # in place: cumsum's backward does not read its output
 
 
 def ssd_chunked(
@@ -90,22 +90,23 @@ def ssd_chunked(
     xs = chunks(x).view(Bsz, J, Q, G, R, P)
     Bs, Cs = chunks(B_ssm), chunks(C_ssm)  # (B, J, Q, G, N)
     dts = chunks(dt)  # (B, J, Q, H)
-    a = (dts * A.float()).permute(0, 3, 1, 2)  # (B, H, J, Q): log-decay of each step
-    a_cum = torch.cumsum(a, dim=-1)  # (B, H, J, Q): log-decay from the chunk's start through step i
-    seg = segment_sum(a)  # (B, H, J, Q, Q): log-decay from step j to step i
+    # Heads before positions, so the (Q, Q) decay matrices come out in the layout the matmul below reads.
+    a = (dts * A.float()).transpose(2, 3)  # (B, J, H, Q): log-decay of each step
+    a_cum = torch.cumsum(a, dim=-1)  # (B, J, H, Q): log-decay from the chunk's start through step i
+    decay = segment_sum(a).exp_()  # (B, J, H, Q, Q): decay from step j to step i, 0 above the diagonal
     xdt = xs * dts.view(Bsz, J, Q, G, R, 1)  # (B, J, Q, G, R, P)
 
-    # 1. Within each chunk: the masked quadratic form, y_i += sum_j (C_i . B_j) exp(seg[i, j]) dt_j x_j.
+    # 1. Within each chunk: the masked quadratic form, y_i += sum_j (C_i . B_j) decay[i, j] dt_j x_j.
     CB = torch.einsum("bjign,bjsgn->bjgis", Cs, Bs)  # (B, J, G, Q, Q): one score matrix per group
-    M = CB[:, :, :, None] * torch.exp(seg).permute(0, 2, 1, 3, 4).reshape(Bsz, J, G, R, Q, Q)  # (B, J, G, R, Q, Q)
+    M = CB[:, :, :, None] * decay.view(Bsz, J, G, R, Q, Q)  # (B, J, G, R, Q, Q)
     y = torch.einsum("bjgris,bjsgrp->bjigrp", M, xdt)  # (B, J, Q, G, R, P)
 
     # 2. Each chunk's contribution to the state at its end, as if it had started from h = 0.
-    to_end = torch.exp(seg[..., -1, :]).permute(0, 2, 3, 1).reshape(Bsz, J, Q, G, R, 1)  # (B, J, Q, G, R, 1)
+    to_end = decay[..., -1, :].transpose(2, 3).reshape(Bsz, J, Q, G, R, 1)  # (B, J, Q, G, R, 1)
     states = torch.einsum("bjsgrp,bjsgn->bjgrpn", xdt * to_end, Bs)  # (B, J, G, R, P, N)
 
     # 3. Across chunks: pass the state on, one chunk at a time (the only sequential part, J steps).
-    chunk_decay = torch.exp(a_cum[..., -1]).permute(0, 2, 1).reshape(Bsz, J, G, R, 1, 1)  # (B, J, G, R, 1, 1)
+    chunk_decay = torch.exp(a_cum[..., -1]).view(Bsz, J, G, R, 1, 1)  # (B, J, G, R, 1, 1)
     h = h0.float().reshape(Bsz, G, R, P, N)
     starts = []
     for j in range(J):
@@ -114,7 +115,7 @@ def ssd_chunked(
     starts = torch.stack(starts, dim=1)  # (B, J, G, R, P, N): the state entering each chunk
 
     # 4. The state entering a chunk, read out by C and decayed to each step: y_i += exp(a_cum[i]) C_i h.
-    from_start = torch.exp(a_cum).permute(0, 2, 3, 1).reshape(Bsz, J, Q, G, R, 1)  # (B, J, Q, G, R, 1)
+    from_start = torch.exp(a_cum).transpose(2, 3).reshape(Bsz, J, Q, G, R, 1)  # (B, J, Q, G, R, 1)
     y = y + torch.einsum("bjign,bjgrpn->bjigrp", Cs, starts) * from_start  # (B, J, Q, G, R, P)
 
     y = y.reshape(Bsz, J * Q, H, P)[:, :L] + x.float() * D.float()[:, None]  # (B, L, H, P)
