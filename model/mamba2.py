@@ -280,6 +280,7 @@ class Mamba2Mixer(nn.Module):
         x32, A = x.float(), -torch.exp(self.A_log.float())
         decay = torch.exp(dt * A)[..., None, None]  # (B, H, 1, 1)
         h = decay * state["ssm"].float() + (dt[..., None] * x32)[..., None] * B_h[:, :, None, :]  # (B, H, P, N)
-        y = torch.einsum("bhpn,bhn->bhp", h, C_h) + x32 * self.D.float()[:, None]  # (B, H, P)
+        with torch.autocast(u.device.type, enabled=False):  # the readout stays fp32 under autocast, as in forward
+            y = torch.einsum("bhpn,bhn->bhp", h, C_h) + x32 * self.D.float()[:, None]  # (B, H, P)
         y = self.norm(y.reshape(Bsz, self.d_inner), z).to(z.dtype)  # (B, Di)
         return self.out_proj(y), {"conv": window, "ssm": h}  # (B, D)

@@ -32,7 +32,8 @@ def _mixer(**kw) -> Mamba2Mixer:
 
 
 def _random_state(m: Mamba2Mixer, batch: int) -> dict:
-    return {k: torch.randn_like(v) for k, v in m.empty_state(batch).items()}
+    """Random, and strided: every other row of a larger cache, as a batched server's slice would be."""
+    return {k: torch.randn(2 * batch, *v.shape[1:], dtype=v.dtype)[::2] for k, v in m.empty_state(batch).items()}
 
 
 # --- the SSD scan on its own -------------------------------------------------------------------------------
@@ -324,3 +325,15 @@ def test_ssd_matches_hf_chunk_scan_from_an_initial_state():
     y, h = ssd_chunked(x, dt, A, Bm, Cm, D, h0, chunk_size=8)
     torch.testing.assert_close(y, y_hf, **HF_TOL)
     torch.testing.assert_close(h, h_hf, **HF_TOL)
+
+
+def test_autocast_bf16_step_matches_forward():
+    """Under CPU autocast (fp32 weights, bf16 matmuls) the SSM and its state stay fp32 in both paths."""
+    m = _mixer()
+    u = torch.randn(2, 21, 15)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = m(u)
+        out_dec, state_dec = _decode(m, u, m.empty_state(2))
+    assert state["ssm"].dtype == state_dec["ssm"].dtype == torch.float32
+    torch.testing.assert_close(out_dec.float(), out.float(), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(state_dec["ssm"], state["ssm"], atol=3e-2, rtol=2e-2)
