@@ -62,7 +62,7 @@ def build_request(serving: Serving, body: ChatCompletionRequest) -> GenerationRe
     except Exception as e:  # the checkpoint's chat template refused these messages
         raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
     params = body.to_sampling_params(
-        max_tokens=body.max_new_tokens(serving.settings.default_max_tokens),
+        max_tokens=body.max_new_tokens(serving.default_max_tokens(len(prompt))),
         logit_bias=serving.logit_bias(body.logit_bias),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )

@@ -50,6 +50,17 @@ def _speed_up(model, settings: Settings) -> None:
             log.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e)[:300])
 
 
+DEFAULT_CONTEXT_CAP = 32768  # tokens: the default context of a model with attention layers, at most
+
+
+def context_limit(requested: int, model) -> int:
+    """The context limit in tokens, 0 = unlimited. Only attention layers grow with the length, so a pure SSM
+    model has no limit unless one is asked for; a hybrid defaults to its checkpoint's context, capped."""
+    if requested or not model.config.attention_layers:
+        return requested
+    return min(model.config.max_position_embeddings or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP)
+
+
 def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     """Load the model and start the engine (runs in a worker thread)."""
     if settings.threads:
@@ -63,8 +74,19 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
     total, active = model.num_parameters()  # before packing, which moves weights out of the parameters
     _speed_up(model, settings)
-    cfg = CoreConfig(settings.max_batch_size, settings.prefill_budget, int(settings.state_cache_mb * (1 << 20)))
+    max_len = context_limit(settings.max_model_len, model)
+    cache_bytes = int(settings.state_cache_mb * (1 << 20))
+    cfg = CoreConfig(settings.max_batch_size, settings.prefill_budget, cache_bytes, max_len)
     engine = Engine(model, tokenizer, cfg, settings.max_queue, metrics).start()
+    per_slot = model.empty_state(1, "meta").bytes_per_sequence(max_len)
+    metrics.observe_layout(per_slot["fixed"], per_slot["growing"], max_len)
+    log.info(
+        "state per slot: %.2f MiB SSM (fixed) + %.2f MiB K/V at %s; %d slots",
+        per_slot["fixed"] / 2**20,
+        per_slot["growing"] / 2**20,
+        f"{max_len} tokens" if max_len else "any length (no attention layers)",
+        settings.max_batch_size,
+    )
     log.info(
         "serving %s as '%s' on %s (%s): %.1fM parameters, %.1fM active",
         settings.model,

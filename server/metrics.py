@@ -39,7 +39,20 @@ class Metrics:
         self.expert_tokens = Counter(
             p + "expert_tokens", "Token assignments per expert per MoE layer", ["layer", "expert"], registry=r
         )
+        self.slot_bytes = Gauge(
+            p + "slot_state_bytes",
+            "Bytes of state one slot holds: kind=ssm fixed whatever the length (conv + SSM state), kind=kv the "
+            "K/V cache at the context limit (attention layers only)",
+            ["kind"],
+            registry=r,
+        )
+        self.max_model_len = Gauge(p + "max_model_len", "Context limit in tokens (0 = unlimited)", registry=r)
         self._last_decode_end: float | None = None
+
+    def observe_layout(self, ssm_bytes: int, kv_bytes: int, max_model_len: int) -> None:
+        self.slot_bytes.labels("ssm").set(ssm_bytes)
+        self.slot_bytes.labels("kv").set(kv_bytes)
+        self.max_model_len.set(max_model_len)
 
     def observe_cache(self, hit: bool, cached_tokens: int) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()

@@ -290,6 +290,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "aetheris"
+    max_model_len: int | None = None  # the context limit (vLLM's field); None: a pure SSM model has none
 
 
 class ModelList(BaseModel):
@@ -308,7 +309,7 @@ class TokenizeRequest(OpenAIModel):
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
-    max_model_len: int | None = None  # a recurrent model has no context limit
+    max_model_len: int | None = None  # None: a pure SSM model has no context limit
 
 
 class DetokenizeRequest(OpenAIModel):

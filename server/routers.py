@@ -38,13 +38,13 @@ page_router = APIRouter(include_in_schema=False)
 
 @openai_router.get("/models")
 async def list_models(s: ServingDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=s.model_name, created=now())])
+    return ModelList(data=[ModelCard(id=s.model_name, created=now(), max_model_len=s.max_model_len)])
 
 
 @openai_router.get("/models/{model_id:path}")
 async def get_model(model_id: str, s: ServingDep) -> ModelCard:
     s.check_model(model_id)
-    return ModelCard(id=s.model_name, created=now())
+    return ModelCard(id=s.model_name, created=now(), max_model_len=s.max_model_len)
 
 
 @openai_router.post("/chat/completions")

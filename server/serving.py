@@ -20,6 +20,26 @@ class Serving:
         self.settings, self.engine, self.tokenizer = settings, engine, tokenizer
         self.model_name = settings.model_name
         self.vocab = engine.core.vocab
+        self.max_model_len = engine.core.cfg.max_model_len or None  # None: no context limit
+
+    def default_max_tokens(self, prompt_tokens: int) -> int:
+        """max_tokens for a chat request that sets none: the server's default, within the context left."""
+        if self.max_model_len is None:
+            return self.settings.default_max_tokens
+        return max(1, min(self.settings.default_max_tokens, self.max_model_len - prompt_tokens))
+
+    def check_context(self, req: GenerationRequest) -> None:
+        """A request longer than the context is refused as vLLM and OpenAI do, before it takes a slot."""
+        prompt, new = len(req.prompt_ids), req.params.max_tokens
+        if self.max_model_len is not None and prompt + new > self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt + new} tokens ({prompt} in the messages, {new} in the completion). Please reduce the "
+                "length of the messages or completion.",
+                "messages",
+                "context_length_exceeded",
+            )
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -68,6 +88,7 @@ class Serving:
         if not req.prompt_ids:
             raise APIError(400, "the prompt is empty after tokenisation", "prompt", "invalid_value")
         self.check_n(req.params.n)
+        self.check_context(req)
         return self.engine.submit(req)
 
     async def start_all(self, reqs: list[GenerationRequest]) -> list[AsyncIterator[RequestOutput]]:

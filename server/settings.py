@@ -32,6 +32,12 @@ class Settings(BaseSettings):
         description="weights dtype: auto (checkpoint dtype; bfloat16 on CUDA), float32, bfloat16, float16",
     )
     max_batch_size: int = Field(32, ge=1, description="state slots: the most sequences decoding at once")
+    max_model_len: int = Field(
+        0,
+        ge=0,
+        description="most tokens (prompt + max_tokens) a request may use; 0 = the checkpoint's "
+        "max_position_embeddings capped at 32768 for models with attention layers, unlimited for pure SSM models",
+    )
     max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot; past it: 503")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on the API routes")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins ('*' for any)")

@@ -14,7 +14,7 @@ def tokenize(serving: Serving, body: TokenizeRequest) -> TokenizeResponse:
         ids = serving.tokenizer.encode_chat([m.to_template() for m in body.messages], body.add_generation_prompt)
     else:
         ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    return TokenizeResponse(tokens=ids, count=len(ids))
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=serving.max_model_len)
 
 
 def detokenize(serving: Serving, body: DetokenizeRequest) -> DetokenizeResponse:

@@ -94,7 +94,7 @@ def make_tiny_checkpoint(directory: Path, **kw) -> Path:
 
 def jamba_config(**kw):
     """A tiny HF JambaConfig: 4 layers, MoE (4 experts, top-2) on layers 1 and 3, attention placed past the last
-    layer (attention-free, which is what we load) unless `kw` moves it. transformers is a test dependency."""
+    layer (attention-free) unless `kw` moves it. transformers is a test dependency."""
     import transformers
 
     base = dict(
@@ -115,3 +115,23 @@ def jamba_config(**kw):
         use_mamba_kernels=False,
     )
     return transformers.JambaConfig(**{**base, **kw})
+
+
+def hybrid_jamba(directory: Path, **kw):
+    """A random HF JambaForCausalLM with attention, written by save_pretrained: 6 layers, attention on 1 and 4,
+    grouped-query (6 heads over 2 K/V heads of 6 dims), MoE on odd layers, odd sizes. Returns the HF model."""
+    import transformers
+
+    cfg = jamba_config(
+        hidden_size=36,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        attn_layer_period=3,
+        attn_layer_offset=1,
+        mamba_dt_rank=3,
+        **kw,
+    )
+    hf = transformers.JambaForCausalLM(cfg).eval()
+    hf.save_pretrained(directory)
+    return hf

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import load_model
-from tests.helpers import jamba_config
+from tests.helpers import hybrid_jamba, jamba_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")
 
@@ -92,24 +92,6 @@ def test_jamba_attention_free_moe_parity(tmp_path):
     diff, ours = _ours_vs_hf(hf, tmp_path, tokens)
     assert diff <= 1e-4
     assert [s.ffn for s in ours.config.layers] == ["mlp", "moe", "mlp", "moe"] and ours.config.top_k == 2
-
-
-def hybrid_jamba(directory, **kw):
-    """A random Jamba with attention on layers 1 and 4 of 6, grouped-query (6 heads over 2 K/V heads of 6
-    dims), MoE on odd layers: odd sizes, written by save_pretrained."""
-    cfg = jamba_config(
-        hidden_size=36,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        attn_layer_period=3,
-        attn_layer_offset=1,
-        mamba_dt_rank=3,
-        **kw,
-    )
-    hf = transformers.JambaForCausalLM(cfg).eval()
-    hf.save_pretrained(directory)
-    return hf
 
 
 def test_jamba_with_attention_parity(tmp_path):
