@@ -106,15 +106,42 @@ class Attention(nn.Module):
         return y, {"k": k, "v": v, "len": held + L}
 
     def step(self, u: Tensor, state: dict[str, Tensor]) -> Tensor:
-        """u (B, D), one token per row at the row's own position -> (B, D); writes k, v and len in place."""
+        """u (B, D), one token per row at the row's own position -> (B, D); writes k, v and len in place.
+
+        With a `block_table` in the state, k and v are the engine's paged block pool (nBlocks, nKV, bs, hd) and
+        row r's token t lives at position t % bs of block block_table[r, t // bs] (server/kv_blocks.py)."""
         B = u.shape[0]
         pos = state["len"]  # (B,)
         q, k, v = self._qkv(u.unsqueeze(1), pos.unsqueeze(1))  # (B, nH, 1, hd), (B, nKV, 1, hd)
-        rows = torch.arange(B, device=u.device)
-        state["k"][rows, :, pos] = k[:, :, 0].to(state["k"].dtype)  # (B, nKV, hd) at (row, :, pos[row])
-        state["v"][rows, :, pos] = v[:, :, 0].to(state["v"].dtype)
-        T = int(pos.max()) + 1 if B else 0
+        keys, values = (_paged_write if "block_table" in state else _contiguous_write)(state, k[:, :, 0], v[:, :, 0])
+        T = keys.shape[2]
         mask = torch.arange(T, device=u.device) <= pos[:, None]  # (B, T): the row's own positions only
-        y = self.attend(q, state["k"][:, :, :T], state["v"][:, :, :T], mask[:, None, None], self.scale)
+        y = self.attend(q, keys, values, mask[:, None, None], self.scale)  # (B, nH, 1, hd)
         state["len"].add_(1)
         return self.o_proj(y.reshape(B, -1))  # (B, D)
+
+
+def _contiguous_write(state: dict[str, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Write k, v (B, nKV, hd) at each row's position of its own (B, nKV, T, hd) cache; return the caches up to
+    the longest row's new length."""
+    pos = state["len"]
+    rows = torch.arange(k.shape[0], device=k.device)
+    state["k"][rows, :, pos] = k.to(state["k"].dtype)  # (B, nKV, hd) at (row, :, pos[row])
+    state["v"][rows, :, pos] = v.to(state["v"].dtype)
+    T = int(pos.max()) + 1 if k.shape[0] else 0
+    return state["k"][:, :, :T], state["v"][:, :, :T]
+
+
+def _paged_write(state: dict[str, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The same on the paged pool: write into each row's block, then gather each row's blocks in order into
+    (B, nKV, nb * bs, hd); positions past a row's length hold other rows' data and are masked by the caller."""
+    pos, table = state["len"], state["block_table"]
+    bs = state["k"].shape[2]
+    rows = torch.arange(k.shape[0], device=k.device)
+    block, offset = table[rows, pos // bs], pos % bs  # (B,), (B,)
+    state["k"][block, :, offset] = k.to(state["k"].dtype)  # (B, nKV, hd) at (block, :, offset)
+    state["v"][block, :, offset] = v.to(state["v"].dtype)
+    nb = int(pos.max()) // bs + 1 if k.shape[0] else 0
+    blocks = table[:, :nb]  # (B, nb)
+    gather = lambda pool: pool[blocks].transpose(1, 2).flatten(2, 3)  # noqa: E731 (B, nb, nKV, bs, hd) -> (B, nKV, nb*bs, hd)
+    return gather(state["k"]), gather(state["v"])

@@ -38,15 +38,15 @@ class CoreConfig:
     prefill_budget: int = 512  # prompt tokens prefilled per iteration, over all requests
     state_cache_bytes: int = 256 << 20  # snapshot cache budget (0 disables prefix reuse)
     max_model_len: int = 0  # most tokens (prompt + output) a sequence may hold; 0 = unlimited (pure SSM models)
+    kv_blocks: int = 0  # paged K/V blocks for attention layers (0: a contiguous max_model_len cache per slot)
+    kv_block_size: int = 16  # tokens per K/V block
 
 
 class EngineCore:
     def __init__(self, model: HybridLM, tokenizer: Tokenizer, cfg: CoreConfig, metrics=None) -> None:
         self.model, self.tokenizer, self.cfg, self.metrics = model, tokenizer, cfg, metrics
         self.vocab = sampleable_vocab(model.config.vocab_size, tokenizer.vocab_size)
-        self.runner = ModelRunner(
-            model, cfg.max_batch_size, cfg.state_cache_bytes, self.vocab, cfg.max_model_len, metrics
-        )
+        self.runner = ModelRunner(model, cfg, self.vocab, metrics)
         self.scheduler = Scheduler(self.runner.pool, cfg.prefill_budget, tokenizer)
         self.output = OutputProcessor(metrics)
 

@@ -61,6 +61,38 @@ def context_limit(requested: int, model) -> int:
     return min(model.config.max_position_embeddings or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP)
 
 
+def core_config(settings: Settings, model) -> CoreConfig:
+    max_len = context_limit(settings.max_model_len, model)
+    block = CoreConfig.kv_block_size
+    block_bytes = model.empty_state(1, "meta").bytes_per_sequence(block)["growing"]
+    kv_blocks = int(settings.kv_cache_mb * (1 << 20)) // block_bytes if block_bytes else 0
+    if settings.kv_cache_mb and block_bytes and kv_blocks == 0:
+        raise ValueError(f"--kv-cache-mb {settings.kv_cache_mb:g} holds no block of {block} tokens")
+    cache_bytes = int(settings.state_cache_mb * (1 << 20))
+    return CoreConfig(settings.max_batch_size, settings.prefill_budget, cache_bytes, max_len, kv_blocks, block)
+
+
+def _log_state_layout(model, cfg: CoreConfig, metrics: Metrics) -> None:
+    per_slot = model.empty_state(1, "meta").bytes_per_sequence(cfg.max_model_len)
+    metrics.observe_layout(per_slot["fixed"], per_slot["growing"], cfg.max_model_len, cfg.kv_blocks)
+    if not per_slot["growing"]:
+        log.info("state per slot: %.2f MiB, whatever the length (no attention layers)", per_slot["fixed"] / 2**20)
+        return
+    kv = (
+        f"K/V paged in {cfg.kv_blocks} blocks of {cfg.kv_block_size} tokens "
+        f"({cfg.kv_blocks * cfg.kv_block_size} tokens over all slots)"
+        if cfg.kv_blocks
+        else f"a contiguous K/V cache of {per_slot['growing'] / 2**20:.2f} MiB per slot"
+    )
+    log.info(
+        "state per slot: %.2f MiB SSM (fixed) + up to %.2f MiB K/V at the %d-token context; %s",
+        per_slot["fixed"] / 2**20,
+        per_slot["growing"] / 2**20,
+        cfg.max_model_len,
+        kv,
+    )
+
+
 def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     """Load the model and start the engine (runs in a worker thread)."""
     if settings.threads:
@@ -74,19 +106,9 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
     total, active = model.num_parameters()  # before packing, which moves weights out of the parameters
     _speed_up(model, settings)
-    max_len = context_limit(settings.max_model_len, model)
-    cache_bytes = int(settings.state_cache_mb * (1 << 20))
-    cfg = CoreConfig(settings.max_batch_size, settings.prefill_budget, cache_bytes, max_len)
+    cfg = core_config(settings, model)
     engine = Engine(model, tokenizer, cfg, settings.max_queue, metrics).start()
-    per_slot = model.empty_state(1, "meta").bytes_per_sequence(max_len)
-    metrics.observe_layout(per_slot["fixed"], per_slot["growing"], max_len)
-    log.info(
-        "state per slot: %.2f MiB SSM (fixed) + %.2f MiB K/V at %s; %d slots",
-        per_slot["fixed"] / 2**20,
-        per_slot["growing"] / 2**20,
-        f"{max_len} tokens" if max_len else "any length (no attention layers)",
-        settings.max_batch_size,
-    )
+    _log_state_layout(model, cfg, metrics)
     log.info(
         "serving %s as '%s' on %s (%s): %.1fM parameters, %.1fM active",
         settings.model,

@@ -47,12 +47,15 @@ class Metrics:
             registry=r,
         )
         self.max_model_len = Gauge(p + "max_model_len", "Context limit in tokens (0 = unlimited)", registry=r)
+        self.kv_blocks_total = Gauge(p + "kv_blocks_total", "Paged K/V blocks preallocated", registry=r)
+        self.kv_blocks_used = Gauge(p + "kv_blocks_used", "Paged K/V blocks held by running sequences", registry=r)
         self._last_decode_end: float | None = None
 
-    def observe_layout(self, ssm_bytes: int, kv_bytes: int, max_model_len: int) -> None:
+    def observe_layout(self, ssm_bytes: int, kv_bytes: int, max_model_len: int, kv_blocks: int) -> None:
         self.slot_bytes.labels("ssm").set(ssm_bytes)
         self.slot_bytes.labels("kv").set(kv_bytes)
         self.max_model_len.set(max_model_len)
+        self.kv_blocks_total.set(kv_blocks)
 
     def observe_cache(self, hit: bool, cached_tokens: int) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()
@@ -73,6 +76,8 @@ class Metrics:
         self.waiting.set(len(sched.waiting))
         self.slots_used.set(core.pool.used)
         self.slots_total.set(core.pool.size)
+        if core.pool.paged:
+            self.kv_blocks_used.set(core.pool.paged.n_blocks - core.pool.free_blocks)
         self.cache_bytes.set(core.cache.bytes)
         self.cache_entries.set(len(core.cache.entries))
         if not core.running:

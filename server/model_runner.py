@@ -19,13 +19,14 @@ from .state_pool import PrefixCache, Snapshot, StatePool
 
 
 class ModelRunner:
-    def __init__(
-        self, model: HybridLM, slots: int, cache_bytes: int, vocab: int, max_model_len: int = 0, metrics=None
-    ) -> None:
+    def __init__(self, model: HybridLM, cfg, vocab: int, metrics=None) -> None:
+        """`cfg` is the engine's CoreConfig: slots, context limit, K/V blocks, snapshot budget."""
         self.model, self.vocab, self.metrics = model, vocab, metrics
         self.device = model.embeddings.weight.device
-        self.pool = StatePool(model, slots, self.device, max_model_len)
-        self.cache = PrefixCache(cache_bytes)
+        self.pool = StatePool(
+            model, cfg.max_batch_size, self.device, cfg.max_model_len, cfg.kv_blocks, cfg.kv_block_size
+        )
+        self.cache = PrefixCache(cfg.state_cache_bytes)
 
     @property
     def running(self) -> list[Sequence]:
@@ -62,7 +63,8 @@ class ModelRunner:
         """The prompt is in the state: snapshot it, fork it into one pool row per choice; returns the logits
         (n, V) the first tokens are sampled from."""
         self.snapshot_prompt(r)
-        self.pool.add(r.seqs, r.state, len(r.req.prompt_ids))
+        prompt = len(r.req.prompt_ids)
+        self.pool.add(r.seqs, r.state, prompt, reserve=prompt + r.req.params.max_tokens)
         r.state = None
         return self._sampleable(r.last_logits.unsqueeze(0).expand(len(r.seqs), -1))
 

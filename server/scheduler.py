@@ -94,14 +94,26 @@ class Scheduler:
         The event loop reads this too, hence the copy of a list the engine thread changes."""
         return self.pool.size - self.pool.used - sum(r.req.params.n for r in list(self.prefilling))
 
+    def free_blocks(self) -> int:
+        """K/V blocks neither held by running sequences nor reserved by prefilling requests."""
+        return self.pool.free_blocks - sum(self._blocks(r) for r in list(self.prefilling))
+
+    def _blocks(self, r: RequestState) -> int:
+        p = r.req.params
+        return self.pool.blocks_needed(len(r.req.prompt_ids) + p.max_tokens, p.n)
+
+    def fits(self, r: RequestState) -> bool:
+        """Its n slots are free, and so are the K/V blocks for prompt + max_tokens of each choice."""
+        return r.req.params.n <= self.free_slots() and self._blocks(r) <= self.free_blocks()
+
     def blocked(self, queued: int) -> int:
         """Requests that will not find a free slot at the next iteration, counting `queued` not yet added."""
         return max(0, queued + len(self.waiting) - max(0, self.free_slots()))
 
     def admit(self) -> Admission:
-        """Move waiting requests, in arrival order, to prefilling while their n slots are free."""
+        """Move waiting requests, in arrival order, to prefilling while their slots and K/V blocks are free."""
         out = Admission()
-        while self.waiting and self.waiting[0].req.params.n <= self.free_slots():
+        while self.waiting and self.fits(self.waiting[0]):
             r = self.waiting.popleft()
             p = r.req.params
             try:

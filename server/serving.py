@@ -40,6 +40,15 @@ class Serving:
                 "messages",
                 "context_length_exceeded",
             )
+        pool = self.engine.core.pool
+        if pool.paged and pool.blocks_needed(prompt + new, req.params.n) > pool.paged.n_blocks:
+            raise APIError(
+                400,
+                f"{req.params.n} x ({prompt} + {new}) tokens do not fit the K/V cache "
+                f"({pool.paged.n_blocks * pool.paged.block_size} tokens; see --kv-cache-mb)",
+                "max_tokens",
+                "context_length_exceeded",
+            )
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
         description="most tokens (prompt + max_tokens) a request may use; 0 = the checkpoint's "
         "max_position_embeddings capped at 32768 for models with attention layers, unlimited for pure SSM models",
     )
+    kv_cache_mb: float = Field(
+        1024,
+        ge=0,
+        description="memory for attention layers' K/V, MiB, in blocks shared by all slots (0 = a contiguous "
+        "--max-model-len cache per slot); unused by pure SSM models",
+    )
     max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot; past it: 503")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on the API routes")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins ('*' for any)")

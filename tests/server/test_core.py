@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from model import HybridLM
@@ -12,20 +13,25 @@ from server.core import CoreConfig, EngineCore
 from server.types import GenerationRequest, SamplingParams
 from tests.helpers import tiny_config, toy_tokenizer
 
+# (model layout, context limit, paged K/V blocks): Mamba + MoE; Mamba + attention + MoE with a contiguous K/V
+# cache per slot (the reference layout); the same with paged K/V.
+ENGINES = {"mamba": (None, 0, 0), "hybrid-contiguous": ("hybrid", 64, 0), "hybrid-paged": ("hybrid", 64, 40)}
 
-def _setup(slots=4, budget=7, cache=1 << 20):
+
+def _setup(slots=4, budget=7, cache=1 << 20, engine="mamba"):
+    layout, max_len, kv_blocks = ENGINES[engine]
     tok = toy_tokenizer()
-    model = HybridLM(tiny_config(tok.vocab_size)).eval()
-    return model, tok, EngineCore(model, tok, CoreConfig(slots, budget, cache))
+    model = HybridLM(tiny_config(tok.vocab_size, layout)).eval()
+    return model, tok, EngineCore(model, tok, CoreConfig(slots, budget, cache, max_len, kv_blocks, 8))
 
 
-def _alone(model, tok, prompt, n):
+def _alone(model, tok, prompt, n, stop=True):
     logits, state = model.prefill(torch.tensor([prompt]), model.empty_state(1))
     out = []
     for _ in range(n):
         t = int(logits[0, : tok.vocab_size].argmax())
         out.append(t)
-        if t in tok.stop_token_ids:
+        if stop and t in tok.stop_token_ids:
             break
         logits, state = model.decode(torch.tensor([t]), state)
     return out
@@ -55,8 +61,9 @@ def _run(core, requests, abort_after: dict | None = None):
     return tokens, finished
 
 
-def test_continuous_batching_equals_alone():
-    model, tok, core = _setup(slots=4, budget=7)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_continuous_batching_equals_alone(engine):
+    model, tok, core = _setup(slots=4, budget=7, engine=engine)
     rng = random.Random(0)
     prompts = [[rng.randrange(5, 300) for _ in range(rng.randrange(1, 30))] for _ in range(10)]
     lengths = [rng.randrange(1, 20) for _ in prompts]
@@ -72,8 +79,9 @@ def test_continuous_batching_equals_alone():
     assert core.pool.used == 0 and not core.requests
 
 
-def test_n_choices_aborts_and_cache_hits():
-    model, tok, core = _setup(slots=5, budget=4)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_n_choices_aborts_and_cache_hits(engine):
+    model, tok, core = _setup(slots=5, budget=4, engine=engine)
     prompt = list(range(20, 45))
     reqs = [
         GenerationRequest("a", prompt, SamplingParams(max_tokens=12, temperature=0, n=3)),
@@ -87,3 +95,28 @@ def test_n_choices_aborts_and_cache_hits():
     # The same prompt again restores the snapshot: nothing left to prefill, same tokens.
     again, _ = _run(core, [GenerationRequest("a2", prompt, SamplingParams(max_tokens=12, temperature=0))])
     assert again["a2"][0] == want and core.cache.hits >= 1
+
+
+def test_admission_waits_for_kv_blocks_and_running_sequences_never_lack_them():
+    """40 blocks of 8 tokens; each choice reserves ceil((20 + 40) / 8) = 8 blocks. The fourth request waits
+    while the first three (8 + 8 + 24 blocks, one has n = 3) run; every output equals its request alone."""
+    model, tok, core = _setup(slots=6, budget=64, engine="hybrid-paged")
+    prompts = [list(range(10 + i, 30 + i)) for i in range(4)]
+    reqs = [
+        GenerationRequest(
+            f"r{i}", p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, n=3 if i == 2 else 1)
+        )
+        for i, p in enumerate(prompts)
+    ]
+    got: dict[str, dict[int, list[int]]] = {r.request_id: {} for r in reqs}
+    for r in reqs:
+        core.add(r, lambda out: [got[out.request_id].setdefault(d.index, []).extend(d.token_ids) for d in out.deltas])
+    core.step()
+    assert [r.request_id for r in core.scheduler.waiting] == ["r3"] and core.pool.free_blocks == 0
+    while core.has_work():
+        core.step()
+        assert core.pool.free_blocks >= 0
+    assert core.pool.free_blocks == 40 and core.pool.used == 0
+    for r, p in zip(reqs, prompts):
+        want = _alone(model, tok, p, 40, stop=False)
+        assert all(got[r.request_id][i] == want for i in range(r.params.n))

@@ -3,6 +3,7 @@ cache's longest-prefix lookup, LRU eviction by bytes, and copies that outlive th
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import HybridLM
@@ -65,9 +66,11 @@ class Seq:
     slot = -1
 
 
-def test_pool_operations_on_every_kind_of_layer_state():
+@pytest.mark.parametrize("kv_blocks", [0, 20], ids=["contiguous", "paged"])
+def test_pool_operations_on_every_kind_of_layer_state(kv_blocks):
     """Admit, fork (n = 2), decode in place, release with a row move, snapshot and restore, on a model with
-    Mamba and attention layers: every sequence's logits equal the same sequence decoded alone."""
+    Mamba and attention layers, with K/V contiguous per slot or paged in blocks of 4 tokens: every sequence's
+    logits equal the same sequence decoded alone."""
     model = tiny("hybrid")
     prompts = {"a": [5, 6, 7], "b": [8, 9, 10, 11, 12, 13, 14], "c": [20, 21, 22, 23, 24]}
     alone = {}  # name -> (logits after the prompt, then after each greedy step), decoded alone out of place
@@ -78,12 +81,13 @@ def test_pool_operations_on_every_kind_of_layer_state():
             logits, st = model.decode(logits.argmax(-1), st)
             out.append(logits[0])
         alone[name] = out
-    pool, cache = StatePool(model, 5, torch.device("cpu"), capacity=24), PrefixCache(1 << 20)
+    pool = StatePool(model, 5, torch.device("cpu"), capacity=24, kv_blocks=kv_blocks, block_size=4)
+    cache = PrefixCache(1 << 20)
     seqs, step = {}, {}
     for name in ("a", "b", "c"):
         logits, st = model.prefill(torch.tensor([prompts[name]]), model.empty_state(1))
         group = [Seq(), Seq()] if name == "b" else [Seq()]  # b is forked into two rows
-        pool.add(group, st, len(prompts[name]))
+        pool.add(group, st, len(prompts[name]), reserve=len(prompts[name]) + 6)
         for i, s in enumerate(group):
             seqs[name + str(i)], step[name + str(i)] = s, 0
     assert pool.used == 4 and pool.held == [3, 7, 7, 5]
@@ -109,7 +113,9 @@ def test_pool_operations_on_every_kind_of_layer_state():
     k = snap.state.layers[1]["k"]
     assert k.shape[2] == 5  # the snapshot keeps K/V only up to its prefix: (1, nKV, 5, hd)
     seqs["a1"] = Seq()
-    pool.add([seqs["a1"]], snap.state, len(snap.tokens))  # restore: a resumes after its 2 sampled tokens
+    pool.add([seqs["a1"]], snap.state, len(snap.tokens), reserve=9)  # restore: a resumes after 2 sampled tokens
     step["a1"] = 2
     decode_all()
     decode_all()
+    if kv_blocks:  # a0's blocks came back; held: c 11 tokens, b0 and b1 13 each, a1 9 -> 3 + 4 + 4 + 3 blocks of 4
+        assert pool.free_blocks == kv_blocks - 14
