@@ -1,6 +1,6 @@
 """A private Docker engine for the build-and-serve test, and a stand-in for python:3.11-slim.
 
-These machines reach PyPI and Debian's mirror but no image registry (shared/reference/docker.md), so the
+These machines reach PyPI and Debian's mirror but no image registry, so the
 test makes the base image itself: a debootstrapped Debian with Python, the host's CA bundle trusted inside
 (TLS is intercepted here), imported under the name `python:3.11-slim`. Torch comes from a tiny local
 package index (the local CPU wheel and its dependencies) passed through the Dockerfile's TORCH_INDEX_URL

@@ -1,5 +1,5 @@
 """The real image: hadolint on both Dockerfiles, then build the CPU Dockerfile unchanged, run it, wait for its
-HEALTHCHECK, and chat with it through curl and the OpenAI SDK (shared/reference/docker.md).
+HEALTHCHECK, and chat with it through curl and the OpenAI SDK.
 
 Needs root, dockerd and debootstrap. Without them the build test skips with the reason, unless
 AETHERIS_REQUIRE_DOCKER=1 (set by .ci/run), where it fails instead.

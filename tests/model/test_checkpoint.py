@@ -82,3 +82,12 @@ def test_not_a_directory_or_hub_id(tmp_path, monkeypatch):
         load_model(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="not loadable from the Hub"):
         load_model("someone/not-cached-here")
+
+
+def test_unknown_layer_type_is_refused_naming_it(tmp_path):
+    directory = make_tiny_checkpoint(tmp_path / "ckpt")
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["layers"][0]["mixer"] = "retention"
+    (directory / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="layer mixer 'retention' is not supported"):
+        load_model(directory)
