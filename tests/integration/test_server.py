@@ -140,10 +140,12 @@ def test_logprobs_equal_a_forward_pass(client, reference):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1, : tok.vocab_size].argmax()))
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1, : tok.vocab_size], -1)
     top = lp.topk(3, dim=-1)
-    assert [c.token for c in content] == [tok.decode([t]) for t in ids[len(prompt) :]]
+    assert [c.token for c in content] == [tok.decode([t], skip_special_tokens=False) for t in ids[len(prompt) :]]
     for i, c in enumerate(content):
         assert abs(c.logprob - lp[i, ids[len(prompt) + i]].item()) < 1e-4
-        assert [t.token for t in c.top_logprobs] == [tok.decode([j]) for j in top.indices[i].tolist()]
+        assert [t.token for t in c.top_logprobs] == [
+            tok.decode([j], skip_special_tokens=False) for j in top.indices[i].tolist()
+        ]
         assert max(abs(t.logprob - v) for t, v in zip(c.top_logprobs, top.values[i].tolist())) < 1e-4
 
 
