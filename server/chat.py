@@ -52,6 +52,23 @@ def _chat_logprobs(serving: Serving, lps: list[TokenLogprob]) -> ChoiceLogprobs:
     )
 
 
+def message_boundaries(tokenizer, messages: list[dict], prompt: list[int]) -> tuple[tuple[int, ...], int]:
+    """Where each earlier message ends in the rendered prompt (a later request sharing the history but not the
+    last turn resumes there), and how far the leading system messages reach (0: none). A boundary counts only
+    where the history's own rendering is a prefix of the prompt's tokens: that is what a snapshot can serve."""
+    points, pinned = [], 0
+    for k in range(1, len(messages)):
+        try:
+            ids = tokenizer.encode_chat(messages[:k], add_generation_prompt=False)
+        except Exception:  # a template may refuse a partial history (e.g. one that must end with a user turn)
+            continue
+        if 0 < len(ids) < len(prompt) and prompt[: len(ids)] == ids:
+            points.append(len(ids))
+            if all(m["role"] == "system" for m in messages[:k]):
+                pinned = len(ids)
+    return tuple(points), pinned
+
+
 def build_request(serving: Serving, body: ChatCompletionRequest) -> GenerationRequest:
     serving.check_model(body.model)
     if (bad := body.unsupported()) is not None:
@@ -66,7 +83,8 @@ def build_request(serving: Serving, body: ChatCompletionRequest) -> GenerationRe
         logit_bias=serving.logit_bias(body.logit_bias),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
-    return GenerationRequest(new_id("chatcmpl"), prompt, params)
+    points, pinned = message_boundaries(serving.tokenizer, messages, prompt)
+    return GenerationRequest(new_id("chatcmpl"), prompt, params, snapshot_at=points, pinned_prefix=pinned)
 
 
 async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, request: Request):

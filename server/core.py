@@ -25,10 +25,11 @@ from model.tokenizer import Tokenizer
 
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
+from .prefix_cache import PrefixCache
 from .sampler import sample_next
 from .scheduler import Emit, PrefillChunk, RequestState, Scheduler
 from .sequence import Sequence
-from .state_pool import PrefixCache, StatePool
+from .state_pool import StatePool
 from .types import GenerationRequest
 
 
@@ -40,6 +41,9 @@ class CoreConfig:
     max_model_len: int = 0  # most tokens (prompt + output) a sequence may hold; 0 = unlimited (pure SSM models)
     kv_blocks: int = 0  # paged K/V blocks for attention layers (0: a contiguous max_model_len cache per slot)
     kv_block_size: int = 16  # tokens per K/V block
+    snapshot_interval: int = 256  # prompt tokens between state snapshots during a long prefill (0 = none)
+    state_cache_dir: str | None = None  # where pinned snapshots (system prompts) persist across restarts
+    model_id: str = ""  # names the model in persisted snapshots
 
 
 class EngineCore:
@@ -47,7 +51,9 @@ class EngineCore:
         self.model, self.tokenizer, self.cfg, self.metrics = model, tokenizer, cfg, metrics
         self.vocab = sampleable_vocab(model.config.vocab_size, tokenizer.vocab_size)
         self.runner = ModelRunner(model, cfg, self.vocab, metrics)
-        self.scheduler = Scheduler(self.runner.pool, cfg.prefill_budget, tokenizer)
+        self.scheduler = Scheduler(
+            self.runner.pool, cfg.prefill_budget, tokenizer, self.runner.cache, cfg.snapshot_interval
+        )
         self.output = OutputProcessor(metrics)
 
     # What metrics, tests and benchmarks look at.
@@ -91,7 +97,7 @@ class EngineCore:
         admission = self.scheduler.admit()
         for r, why in admission.rejected:
             self.output.fail(r, why)
-        for r in admission.admitted:
+        for r in [r for r in admission.admitted if r.follow is None] + self.scheduler.released():
             self.runner.begin(r)
         for chunk in self.scheduler.plan_prefill():
             self._prefill(chunk)
@@ -108,6 +114,8 @@ class EngineCore:
             logits = self.runner.prefill(r, chunk.tokens)
             if logits is not None:
                 self.output.add_prompt_logprobs(r, before, logits, chunk.tokens)
+            if chunk.snapshot and not chunk.completes:
+                self.runner.snapshot_prompt(r)
         if chunk.completes:
             self._start_decoding(r)
 

@@ -69,7 +69,17 @@ def core_config(settings: Settings, model) -> CoreConfig:
     if settings.kv_cache_mb and block_bytes and kv_blocks == 0:
         raise ValueError(f"--kv-cache-mb {settings.kv_cache_mb:g} holds no block of {block} tokens")
     cache_bytes = int(settings.state_cache_mb * (1 << 20))
-    return CoreConfig(settings.max_batch_size, settings.prefill_budget, cache_bytes, max_len, kv_blocks, block)
+    return CoreConfig(
+        settings.max_batch_size,
+        settings.prefill_budget,
+        cache_bytes,
+        max_len,
+        kv_blocks,
+        block,
+        settings.snapshot_interval,
+        settings.state_cache_dir,
+        settings.model_name,
+    )
 
 
 def _log_state_layout(model, cfg: CoreConfig, metrics: Metrics) -> None:

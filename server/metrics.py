@@ -36,6 +36,8 @@ class Metrics:
         self.cache_hits = Counter(p + "state_cache_hits", "Requests that resumed from a snapshot", registry=r)
         self.cache_misses = Counter(p + "state_cache_misses", "Requests with no usable snapshot", registry=r)
         self.cached_tokens = Counter(p + "cached_prompt_tokens", "Prompt tokens restored from snapshots", registry=r)
+        self.cache_evictions = Counter(p + "state_cache_evictions", "Prefix state snapshots evicted", registry=r)
+        self._evictions_seen = 0
         self.expert_tokens = Counter(
             p + "expert_tokens", "Token assignments per expert per MoE layer", ["layer", "expert"], registry=r
         )
@@ -79,7 +81,9 @@ class Metrics:
         if core.pool.paged:
             self.kv_blocks_used.set(core.pool.paged.n_blocks - core.pool.free_blocks)
         self.cache_bytes.set(core.cache.bytes)
-        self.cache_entries.set(len(core.cache.entries))
+        self.cache_entries.set(core.cache.entries)
+        self.cache_evictions.inc(core.cache.evictions - self._evictions_seen)
+        self._evictions_seen = core.cache.evictions
         if not core.running:
             self._last_decode_end = None
         for layer, moe in core.model.moe_layers().items():

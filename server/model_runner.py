@@ -6,6 +6,7 @@ Glossary: B running sequences, V sampleable vocab.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -13,9 +14,13 @@ from torch import Tensor
 
 from model import HybridLM
 
+from .prefix_cache import PrefixCache, Snapshot
 from .scheduler import RequestState
 from .sequence import Sequence
-from .state_pool import PrefixCache, Snapshot, StatePool
+from .snapshot_store import SnapshotStore
+from .state_pool import StatePool
+
+log = logging.getLogger("aetheris.engine")
 
 
 class ModelRunner:
@@ -27,6 +32,16 @@ class ModelRunner:
             model, cfg.max_batch_size, self.device, cfg.max_model_len, cfg.kv_blocks, cfg.kv_block_size
         )
         self.cache = PrefixCache(cfg.state_cache_bytes)
+        if cfg.state_cache_dir:
+            self._restore_pinned(SnapshotStore(cfg.state_cache_dir, model, cfg.model_id))
+
+    def _restore_pinned(self, store: SnapshotStore) -> None:
+        """Load the pinned snapshots an earlier run saved, then save each new one as it is made."""
+        snaps = store.load()
+        for snap in snaps:
+            self.cache.put(list(snap.tokens), snap.state, snap.last_logits, pinned=True)
+        self.cache.on_pin = store.save
+        log.info("state cache: %d pinned snapshots restored from %s", len(snaps), store.dir)
 
     @property
     def running(self) -> list[Sequence]:
@@ -69,8 +84,10 @@ class ModelRunner:
         return self._sampleable(r.last_logits.unsqueeze(0).expand(len(r.seqs), -1))
 
     def snapshot_prompt(self, r: RequestState) -> None:
-        if r.cached < len(r.req.prompt_ids):
-            self.cache.put(r.req.prompt_ids, r.state, r.last_logits)
+        """Keep the state after the prompt computed so far (unless it came whole from the cache)."""
+        if r.cached < r.computed:
+            tokens = r.req.prompt_ids[: r.computed]
+            self.cache.put(tokens, r.state, r.last_logits, pinned=r.computed <= r.req.pinned_prefix)
 
     def decode(self) -> tuple[list[Sequence], Tensor]:
         """ONE batched step over every running sequence, in place on the pool's rows: (seqs, logits (B, V))."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from model import ModelState
 from model.tokenizer import Tokenizer
 
+from .prefix_cache import PrefixCache
 from .sequence import Sequence
 from .state_pool import StatePool
 from .types import GenerationRequest, RequestOutput, TokenLogprob
@@ -38,6 +39,11 @@ class RequestState:
     last_logits: Tensor | None = None  # (V,) after the last computed prompt token
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     first_token_at: float | None = None
+    points: set[int] = field(default_factory=set)  # prompt positions to snapshot at (besides the interval)
+    follow: tuple[RequestState, int] | None = None  # (leader, n): wait until the leader has computed n tokens
+
+    def __post_init__(self) -> None:
+        self.points.update(p for p in self.req.snapshot_at if 0 < p < len(self.req.prompt_ids))
 
     @property
     def request_id(self) -> str:
@@ -55,6 +61,7 @@ class PrefillChunk:
     request: RequestState
     start: int  # prompt positions [start, end); empty when the prompt is already computed (a full cache hit)
     end: int
+    snapshot: bool = False  # keep a snapshot of the state after `end` (a message boundary or an interval)
 
     @property
     def tokens(self) -> list[int]:
@@ -65,9 +72,24 @@ class PrefillChunk:
         return self.end == len(self.request.req.prompt_ids)
 
 
+MIN_SHARED = 32  # tokens two prompts must share beyond the cache before the later one waits for the earlier
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Scheduler:
-    def __init__(self, pool: StatePool, prefill_budget: int, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, pool: StatePool, prefill_budget: int, tokenizer: Tokenizer, cache: PrefixCache, interval: int = 256
+    ) -> None:
         self.pool, self.prefill_budget, self.tokenizer = pool, prefill_budget, tokenizer
+        self.cache, self.interval = cache, interval
         self.stop_ids = set(tokenizer.stop_token_ids)
         self.waiting: deque[RequestState] = deque()
         self.prefilling: list[RequestState] = []
@@ -122,23 +144,59 @@ class Scheduler:
                 self.requests.pop(r.request_id, None)
                 out.rejected.append((r, f"invalid request: {e}"))
                 continue
+            r.follow = self._leader(r)
             self.prefilling.append(r)
             out.admitted.append(r)
         return out
 
+    def _leader(self, r: RequestState) -> tuple[RequestState, int] | None:
+        """A prefilling request whose prompt shares more with r's than the cache holds, at a position it has
+        not computed yet: r waits for its snapshot there (one prefill of a shared prefix, not two)."""
+        if r.req.params.prompt_logprobs:  # starts from scratch whatever the cache holds
+            return None
+        have, best = self.cache.match_length(r.req.prompt_ids), None
+        for other in self.prefilling:
+            n = common_prefix(other.req.prompt_ids, r.req.prompt_ids)
+            if n - have >= MIN_SHARED and n > other.computed and other.follow is None and (not best or n > best[1]):
+                best = (other, n)
+        if best is not None:
+            best[0].points.add(best[1])
+        return best
+
+    def released(self) -> list[RequestState]:
+        """Followers whose leader has computed the shared prefix (its snapshot is in the cache) or is gone:
+        they start now, from the deepest snapshot."""
+        out = []
+        for r in self.prefilling:
+            if r.follow is not None:
+                leader, n = r.follow
+                if leader.computed >= n or leader.request_id not in self.requests:
+                    r.follow = None
+                    out.append(r)
+        return out
+
     def plan_prefill(self) -> list[PrefillChunk]:
-        """Prompt chunks for this iteration, in admission order, within the token budget. A request whose
-        chunk completes its prompt leaves `prefilling`: the runner puts it in the pool this iteration."""
+        """Prompt chunks for this iteration, in admission order, within the token budget, each ending at the
+        next snapshot point so a snapshot is a copy, never a recomputation. A request whose chunks complete its
+        prompt leaves `prefilling`: the runner puts it in the pool this iteration."""
         budget, chunks = self.prefill_budget, []
         for r in list(self.prefilling):
-            start = end = r.computed
-            if start < len(r.req.prompt_ids):
-                if budget <= 0:
-                    break
-                end = min(len(r.req.prompt_ids), start + budget)
-                budget -= end - start
-            chunk = PrefillChunk(r, start, end)
-            if chunk.completes:
+            if r.follow is not None:
+                continue
+            pos, total = r.computed, len(r.req.prompt_ids)
+            if pos == total:
+                chunks.append(PrefillChunk(r, pos, pos))
+            while pos < total and budget > 0:
+                end = min(total, pos + budget, self._next_point(r, pos))
+                chunks.append(PrefillChunk(r, pos, end, snapshot=end in r.points or end % self.interval == 0))
+                budget, pos = budget - (end - pos), end
+            if pos == total:
                 self.prefilling.remove(r)
-            chunks.append(chunk)
+            if budget <= 0:
+                break
         return chunks
+
+    def _next_point(self, r: RequestState, pos: int) -> int:
+        """The first snapshot point after `pos`: a message boundary, a leader's share point or an interval."""
+        interval = (pos // self.interval + 1) * self.interval if self.interval else len(r.req.prompt_ids)
+        return min([p for p in r.points if p > pos] + [interval])

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on the API routes")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins ('*' for any)")
     state_cache_mb: float = Field(256, ge=0, description="memory for prefix state snapshots, MiB (0 = off)")
+    snapshot_interval: int = Field(
+        256, ge=0, description="prompt tokens between prefix state snapshots during a long prefill (0 = none)"
+    )
+    state_cache_dir: str | None = Field(
+        None, description="directory where system-prompt snapshots persist across restarts (safetensors)"
+    )
     prefill_budget: int = Field(512, ge=1, description="prompt tokens prefilled per scheduler iteration")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens for chat requests that set none")
     max_body_mb: float = Field(8, gt=0, description="largest accepted request body, MiB (413 past it)")
@@ -61,7 +67,7 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="log prompt and output text (off: only sizes are logged)")
     log_level: str = Field("info", description="debug, info, warning or error")
 
-    @field_validator("api_key", "served_model_name", mode="before")
+    @field_validator("api_key", "served_model_name", "state_cache_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         return None if v == "" else v  # docker compose passes unset variables as ""

@@ -1,4 +1,4 @@
-"""Where per-sequence state lives: the slot pool, and the snapshot cache for prefix reuse.
+"""Where per-sequence state lives while sequences decode: the slot pool.
 
 Glossary: S slots, T token capacity of a slot's growing state (K/V), B a batch of slot ids.
 
@@ -6,21 +6,11 @@ StatePool  one preallocated ModelState with S rows (each layer's tensors as its 
            ones with room for T tokens); a running sequence owns a row. Rows change only through `add`,
            `remove` and the decode step's in-place write. The pool never names a tensor: it moves rows through
            ModelState's generic operations.
-PrefixCache  snapshots of single rows, keyed by the exact token prefix they summarise, in an LRU bounded
-           by bytes. A snapshot keeps growing tensors only up to its prefix's length. A prompt that extends a
-           cached prefix restores the snapshot and prefills only the rest:
-           a recurrent state cannot be truncated, so we keep states at the ends of prompts and of finished
-           generations, where the next turn of a chat resumes (llama.cpp's context checkpoints, vLLM's
-           hybrid prefix caching, at request granularity).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor
 
 from model import HybridLM, ModelState
 
@@ -112,57 +102,3 @@ class StatePool:
         self.rows.pop()
         self.held.pop()
         seq.slot = -1
-
-
-def prefix_hashes(tokens: list[int]) -> list[int]:
-    """h[i] identifies tokens[:i+1]: a hash chain, so every prefix is hashed in one pass."""
-    out, h = [], 0
-    for t in tokens:
-        h = hash((h, t))
-        out.append(h)
-    return out
-
-
-@dataclass
-class Snapshot:
-    tokens: tuple[int, ...]  # the exact prefix this state summarises (checked on a hit)
-    state: ModelState  # one row
-    last_logits: Tensor  # (V,) logits after the last token, so a full hit needs no recompute
-    nbytes: int
-
-
-class PrefixCache:
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.entries: OrderedDict[int, Snapshot] = OrderedDict()
-        self.bytes = 0
-        self.hits = self.misses = 0
-
-    def put(self, tokens: list[int], state: ModelState, last_logits: Tensor) -> None:
-        if not tokens or self.budget <= 0:
-            return
-        key = prefix_hashes(tokens)[-1]
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return
-        snap_state = state.trimmed(len(tokens))  # a copy; K/V only up to the prefix's length
-        nbytes = snap_state.nbytes() + last_logits.numel() * last_logits.element_size() + 8 * len(tokens)
-        if nbytes > self.budget:
-            return
-        self.entries[key] = Snapshot(tuple(tokens), snap_state, last_logits.clone(), nbytes)
-        self.bytes += nbytes
-        while self.bytes > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.nbytes
-
-    def lookup(self, tokens: list[int]) -> Snapshot | None:
-        """The longest snapshot whose prefix the tokens start with (it may be all of them)."""
-        hashes = prefix_hashes(tokens)
-        for n in range(len(tokens), 0, -1):
-            snap = self.entries.get(hashes[n - 1])
-            if snap is not None and snap.tokens == tuple(tokens[:n]):
-                self.entries.move_to_end(hashes[n - 1])
-                self.hits += 1
-                return snap
-        self.misses += 1
-        return None

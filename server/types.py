@@ -41,6 +41,10 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    # Prompt positions where a later request is likely to branch (the ends of chat messages): the engine keeps
+    # a state snapshot there. Up to `pinned_prefix` tokens (a system prompt) the snapshot is pinned.
+    snapshot_at: tuple[int, ...] = ()
+    pinned_prefix: int = 0
 
 
 @dataclass
