@@ -162,7 +162,7 @@ def test_decode_in_place_equals_fresh_state(layout):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("layout", ["moe-mamba", "jamba", "hybrid"])
+@pytest.mark.parametrize("layout", ["moe-mamba", "jamba", "hybrid", "mamba2-hybrid"])
 def test_compiled_inference_equals_eager(layout, packed):
     """The torch.compile'd prefill scan and mixer step (fused kernels, state stored straight into `out`), on
     plain or oneDNN-packed projections (the serving fast path), against the plain eager reference, at batch 1
