@@ -111,7 +111,10 @@ def config_and_weights(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]
         cfg, sd = hf.jamba_config(raw, _embedding_rows(sd)), hf.convert_jamba_state_dict(sd)
     else:
         make_config, convert = hf_mamba2.FAMILIES[fmt]
-        cfg = make_config(raw, _embedding_rows(sd))
+        try:  # a config whose values our ModelConfig rejects (e.g. groups not dividing heads) is the checkpoint's
+            cfg = make_config(raw, _embedding_rows(sd))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
         sd = convert(sd, cfg)
     if "lm_head.weight" not in sd and fmt == "mamba":
         cfg.tie_embeddings = True  # a missing lm_head is the tied embedding (HF's default for Mamba)
