@@ -1,4 +1,4 @@
-"""Checkpoints: our directory format, Hugging Face Mamba / Jamba directories, and Hub repo ids.
+"""Checkpoints: our directory format, Hugging Face Mamba / Jamba / Mamba-2 family directories, and Hub repo ids.
 
 `CheckpointError` (model/errors.py, re-exported here) is what every loader raises for a checkpoint it refuses.
 
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import hf
+from . import hf, hf_mamba2
 from .config import ModelConfig
 from .errors import CheckpointError
 from .lm import HybridLM
@@ -107,8 +107,15 @@ def config_and_weights(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]
             raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
     elif fmt == "mamba":
         cfg, sd = hf.mamba_config(raw, _embedding_rows(sd)), hf.convert_mamba_state_dict(sd)
-    else:
+    elif fmt == "jamba":
         cfg, sd = hf.jamba_config(raw, _embedding_rows(sd)), hf.convert_jamba_state_dict(sd)
+    else:
+        make_config, convert = hf_mamba2.FAMILIES[fmt]
+        try:  # a config whose values our ModelConfig rejects (e.g. groups not dividing heads) is the checkpoint's
+            cfg = make_config(raw, _embedding_rows(sd))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
+        sd = convert(sd, cfg)
     if "lm_head.weight" not in sd and fmt == "mamba":
         cfg.tie_embeddings = True  # a missing lm_head is the tied embedding (HF's default for Mamba)
     elif cfg.tie_embeddings:

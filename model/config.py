@@ -4,12 +4,15 @@ Glossary of dimension letters used across model/:
     B batch, L sequence length, D d_model, Di d_inner (= expand * D), N d_state,
     K d_conv (conv kernel width), R dt_rank, V vocab size, T tokens (B * L flattened),
     E experts, k experts per token (top-k), F feed-forward / expert hidden size,
-    nH attention heads, nKV key/value heads, hd attention head dim.
+    nH attention heads, nKV key/value heads, hd attention head dim,
+    H Mamba-2 heads, P Mamba-2 head dim, G Mamba-2 groups of B/C.
 
-A model is a stack of layers. Each layer is a mixer (pre-norm residual: Mamba-1 or causal self-attention)
-optionally followed by a feed-forward (pre-norm residual): nothing, a dense SwiGLU MLP, or a sparse MoE. That
-one shape covers pure Mamba (HF MambaForCausalLM: mixer only), MoE-Mamba (Pióro et al. 2024, §2: every Mamba
-layer followed by a Switch MoE layer) and Jamba (Mamba with dt/B/C norms or attention, each + MLP or MoE).
+A model is a stack of layers. Each layer is a mixer (pre-norm residual: Mamba-1, Mamba-2 or causal
+self-attention) and/or a feed-forward (pre-norm residual): a dense SwiGLU or relu² MLP, a softmax-routed MoE
+(with an optional always-on shared expert) or a sigmoid-routed MoE. That one shape covers pure Mamba / Mamba-2
+(mixer only), MoE-Mamba (Pióro et al. 2024, §2: every Mamba layer followed by a Switch MoE layer), Jamba and
+Bamba (mixer + FFN), Granite 4.0-H (mixer + MoE with a shared expert) and Nemotron-H (each layer exactly one
+mixer or one FFN). docs/model.md maps each family's names onto these.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-MIXERS = ("mamba", "attention")  # model/mixers.py maps each name to its module
-FFNS = (None, "mlp", "moe")
+MIXERS = (None, "mamba", "mamba2", "attention")  # model/mixers.py maps each name to its module
+# mlp: SwiGLU; mlp_relu2: down(relu(up x)^2); moe: softmax top-k SwiGLU experts; moe_sigmoid: Nemotron-H's
+# sigmoid-routed relu² experts (lm.build_ffn builds each).
+FFNS = (None, "mlp", "mlp_relu2", "moe", "moe_sigmoid")
+MOE_FFNS = ("moe", "moe_sigmoid")
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One layer: a mixer and an optional feed-forward."""
+    """One layer: a mixer and/or a feed-forward (Nemotron-H's layers have only one of the two)."""
 
-    mixer: str = "mamba"
+    mixer: str | None = "mamba"
     ffn: str | None = None
 
     def __post_init__(self) -> None:
@@ -35,6 +41,8 @@ class LayerSpec:
             raise ValueError(f"layer mixer {self.mixer!r} is not supported (supported: {MIXERS})")
         if self.ffn not in FFNS:
             raise ValueError(f"layer ffn {self.ffn!r} is not one of {FFNS}")
+        if self.mixer is None and self.ffn is None:
+            raise ValueError("a layer needs a mixer, a feed-forward or both")
 
 
 @dataclass
@@ -50,6 +58,14 @@ class ModelConfig:
     conv_bias: bool = True
     proj_bias: bool = False  # bias of in_proj / out_proj
     mixer_norms: bool = False  # Jamba's RMSNorms on dt, B and C after x_proj
+    # Mamba-2 mixer (Dao & Gu 2024): also reads d_state, d_conv, conv_bias, proj_bias; Di = H * P.
+    mamba2_heads: int = 0  # H; 0 = expand * d_model // mamba2_head_dim
+    mamba2_head_dim: int = 64  # P
+    n_groups: int = 1  # G: B and C are shared by H / G heads; also the gated norm's groups
+    chunk_size: int = 256  # SSD chunk length (results do not depend on it beyond rounding)
+    time_step_limit_min: float = 0.0  # dt is clamped to [min, max] after the softplus (HF time_step_limit)
+    time_step_limit_max: float = 0.0  # 0 = no upper limit (HF: inf, which JSON cannot hold)
+    norm_before_gate: bool = False  # gated norm: rmsnorm(y * silu(z)) (False) or rmsnorm(y) * silu(z)
     # Attention mixer (HF names in comments): heads, optional RoPE and biases.
     n_heads: int = 0  # num_attention_heads
     n_kv_heads: int = 0  # num_key_value_heads; 0 = n_heads (multi-head), fewer = grouped-query
@@ -61,9 +77,16 @@ class ModelConfig:
     max_position_embeddings: int = 0  # the context the checkpoint was made for (0 = unknown)
     # Feed-forward: dense MLP and every expert share the hidden size d_ff (as Jamba's intermediate_size).
     d_ff: int = 0
+    moe_d_ff: int = 0  # expert hidden size; 0 = d_ff (Nemotron-H's differ)
+    shared_d_ff: int = 0  # an always-on shared expert of this width beside the routed ones (0 = none)
     n_experts: int = 0
     top_k: int = 1
     renormalize: bool = False  # Mixtral renormalises the top-k weights, Jamba and Switch do not
+    # Sigmoid routing (moe_sigmoid, Nemotron-H): experts in groups, the best topk_groups groups kept,
+    # weights scaled by routed_scaling_factor.
+    n_expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
     capacity_factor: float = 0.0  # 0 = dropless; > 0 drops overflow tokens (training only)
     aux_loss_coef: float = 0.01  # Switch load-balancing loss coefficient
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss coefficient
@@ -71,6 +94,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
+    # Granite's multipliers (neutral at 1): embeddings * embedding_multiplier, each residual branch *
+    # residual_multiplier, logits / logits_scaling. Its attention_multiplier is attn_scale.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     # Initialisation (only used when training from scratch).
     init_std: float = 0.02
     dt_min: float = 1e-3
@@ -109,6 +137,9 @@ class ModelConfig:
             "expand": self.expand > 0,
             "top_k": self.top_k >= 1,
             "capacity_factor": self.capacity_factor >= 0,
+            "logits_scaling": self.logits_scaling != 0,
+            "moe_d_ff": self.moe_d_ff >= 0,
+            "shared_d_ff": self.shared_d_ff >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -122,17 +153,50 @@ class ModelConfig:
             )
         if self.attention_layers and not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"model config: partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        self._validate_mamba2()
+        self._validate_ffns()
+
+    def _validate_mamba2(self) -> None:
+        if not any(s.mixer == "mamba2" for s in self.layers):
+            return
+        H, P, G = self.mamba2_n_heads, self.mamba2_head_dim, self.n_groups
+        if not (P > 0 and H > 0 and G > 0 and H % G == 0 and self.chunk_size > 0):
+            raise ValueError(
+                f"model config: Mamba-2 layers need mamba2_head_dim, mamba2_heads (got {H}), n_groups dividing "
+                f"them and chunk_size > 0 (got P={P}, G={G}, chunk_size={self.chunk_size})"
+            )
+        lo, hi = self.time_step_limit_min, self.time_step_limit_max
+        if lo < 0 or (hi and hi < lo):
+            raise ValueError(f"model config: time_step_limit [{lo}, {hi}] is not a range (max 0 = unbounded)")
+
+    def _validate_ffns(self) -> None:
         kinds = {s.ffn for s in self.layers}
-        if kinds & {"mlp", "moe"} and self.d_ff <= 0:
-            raise ValueError("model config: layers with an ffn need d_ff > 0")
-        if "moe" in kinds and not (self.n_experts >= 1 and 1 <= self.top_k <= self.n_experts):
+        if kinds & {"mlp", "mlp_relu2"} and self.d_ff <= 0:
+            raise ValueError("model config: layers with a dense ffn need d_ff > 0")
+        if kinds & set(MOE_FFNS) and self.expert_d_ff <= 0:
+            raise ValueError("model config: MoE layers need d_ff or moe_d_ff > 0")
+        if kinds & set(MOE_FFNS) and not (self.n_experts >= 1 and 1 <= self.top_k <= self.n_experts):
             raise ValueError(
                 f"model config: MoE layers need n_experts >= top_k >= 1 (got {self.n_experts}, {self.top_k})"
+            )
+        groups, keep = self.n_expert_groups, self.topk_groups
+        if "moe_sigmoid" in kinds and not (groups >= 1 and self.n_experts % groups == 0 and 1 <= keep <= groups):
+            raise ValueError(
+                f"model config: n_expert_groups={groups} must divide n_experts={self.n_experts} and "
+                f"1 <= topk_groups={keep} <= n_expert_groups"
             )
 
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
+
+    @property
+    def mamba2_n_heads(self) -> int:
+        return self.mamba2_heads or self.d_inner // max(1, self.mamba2_head_dim)
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
 
     @property
     def n_layers(self) -> int:
@@ -148,7 +212,7 @@ class ModelConfig:
 
     @property
     def moe_layers(self) -> list[int]:
-        return [i for i, s in enumerate(self.layers) if s.ffn == "moe"]
+        return [i for i, s in enumerate(self.layers) if s.ffn in MOE_FFNS]
 
     def to_dict(self) -> dict:
         d = asdict(self)

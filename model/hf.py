@@ -1,4 +1,5 @@
-"""Hugging Face Mamba / Jamba checkpoints -> our config and parameter names.
+"""Hugging Face Mamba / Jamba checkpoints -> our config and parameter names (the Mamba-2 families:
+hf_mamba2.py).
 
 Glossary: E experts, F expert hidden size, D d_model.
 
@@ -182,13 +183,19 @@ def convert_jamba_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def detect_format(cfg: dict) -> str:
-    """'aetheris', 'mamba' or 'jamba' from a config.json dict."""
+    """'aetheris', 'mamba', 'jamba' or a Mamba-2 family of hf_mamba2.FAMILIES from a config.json dict."""
+    from .hf_mamba2 import ARCHITECTURES, FAMILIES  # hf_mamba2 builds on this module
+
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if model_type == "aetheris":
         return "aetheris"
     if model_type == "jamba" or "JambaForCausalLM" in archs:
         return "jamba"
+    if model_type in FAMILIES:
+        return model_type
+    if family := next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None):
+        return family
     if model_type in ("mamba", "falcon_mamba") or "MambaForCausalLM" in archs or "d_model" in cfg:
         if model_type == "falcon_mamba":
             raise CheckpointError("config.json: FalconMamba checkpoints are not supported")

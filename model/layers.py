@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm and the dense SwiGLU feed-forward.
+"""Small building blocks: RMSNorm and the dense SwiGLU and relu² feed-forwards.
 
 Glossary: T tokens (any leading dims), D d_model, F feed-forward hidden size.
 """
@@ -39,3 +39,15 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (T, D)
+
+
+class Relu2MLP(nn.Module):
+    """down(relu(up(x))^2), bias-free and not gated: Nemotron-H's `NemotronHMLP` names and shapes."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)  # (F, D)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)  # (D, F)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())  # (T, D)

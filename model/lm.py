@@ -2,9 +2,11 @@
 
 Glossary: B batch, L length, D d_model, V vocab size, nL layers.
 
-tokens -> embeddings -> nL x [h += mixer(norm(h)); h += ffn(ffn_norm(h)) if the layer has one]
+tokens -> embeddings -> nL x [h += mixer(norm(h)) if the layer has one; h += ffn(ffn_norm(h)) if it has one]
        -> norm_f -> lm_head -> logits.
-Pre-norm residual blocks (HF MambaBlock / Jamba decoder layers). The mixer is Mamba-1 or attention (mixers.py).
+Pre-norm residual blocks (HF MambaBlock / Jamba decoder layers). The mixer is Mamba-1, Mamba-2 or attention
+(mixers.py); Nemotron-H's layers carry only one of the two sublayers. Granite's multipliers scale the
+embeddings, each residual branch and the logits (all 1 elsewhere).
 With `residual_in_fp32` the residual stream is kept in fp32 (mamba_ssm's default) while the mixers and FFNs
 run in the weight dtype.
 
@@ -28,9 +30,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LayerSpec, ModelConfig
-from .layers import RMSNorm, SwiGLU
+from .layers import Relu2MLP, RMSNorm, SwiGLU
 from .mixers import build_mixer
-from .moe import MoE, RouterOutput, load_balancing_loss, router_z_loss
+from .moe import MoE, RouterOutput, SigmoidMoE, load_balancing_loss, router_z_loss
 from .scan import scan_chunk
 from .state import ModelState
 
@@ -43,18 +45,31 @@ class LMOutput:
     routers: list[RouterOutput] = field(default_factory=list)
 
 
+def build_ffn(kind: str | None, cfg: ModelConfig) -> nn.Module | None:
+    """The feed-forward of a LayerSpec.ffn kind (config.FFNS)."""
+    D, E, k = cfg.d_model, cfg.n_experts, cfg.top_k
+    if kind == "mlp":
+        return SwiGLU(D, cfg.d_ff)
+    if kind == "mlp_relu2":
+        return Relu2MLP(D, cfg.d_ff)
+    if kind == "moe":
+        return MoE(D, cfg.expert_d_ff, E, k, cfg.renormalize, cfg.capacity_factor, cfg.shared_d_ff)
+    if kind == "moe_sigmoid":
+        return SigmoidMoE(
+            D, cfg.expert_d_ff, E, k, cfg.renormalize, cfg.capacity_factor, cfg.shared_d_ff,
+            cfg.n_expert_groups, cfg.topk_groups, cfg.routed_scaling_factor,
+        )  # fmt: skip
+    return None
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
         super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = build_mixer(spec.mixer, cfg)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if spec.mixer else None
+        self.mixer = build_mixer(spec.mixer, cfg) if spec.mixer else None
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if spec.ffn else None
-        if spec.ffn == "mlp":
-            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
-        elif spec.ffn == "moe":
-            self.ffn = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.renormalize, cfg.capacity_factor)
-        else:
-            self.ffn = None
+        self.ffn = build_ffn(spec.ffn, cfg)
+        self.residual_multiplier = cfg.residual_multiplier
 
     def _feed_forward(self, h: Tensor) -> tuple[Tensor, RouterOutput | None]:
         if self.ffn is None:
@@ -63,19 +78,22 @@ class Block(nn.Module):
         router = None
         if isinstance(self.ffn, MoE):
             y, router = y
-        return h + y, router
+        return h + y * self.residual_multiplier, router
 
     def forward(self, h: Tensor, state: dict[str, Tensor]):
         """h: (B, L, D) -> (B, L, D), the layer's new state, router or None."""
-        y, state = self.mixer(self.norm(h.to(self.norm.weight.dtype)), state)
-        h, router = self._feed_forward(h + y)
+        if self.mixer is not None:
+            y, state = self.mixer(self.norm(h.to(self.norm.weight.dtype)), state)
+            h = h + y * self.residual_multiplier
+        h, router = self._feed_forward(h)
         return h, state, router
 
     def step(self, h: Tensor, state: dict[str, Tensor], mixer_step=None) -> Tensor:
         """h: (B, D) -> (B, D), the layer's state updated in place.
 
         `mixer_step` is `mixer_residual_step` or its compiled twin (HybridLM.compile_inference)."""
-        h = (mixer_step or mixer_residual_step)(self, h, state)
+        if self.mixer is not None:
+            h = (mixer_step or mixer_residual_step)(self, h, state)
         return self._feed_forward(h)[0]
 
 
@@ -88,7 +106,7 @@ def mixer_residual_step(block: Block, h: Tensor, state: dict[str, Tensor]) -> Te
     copied (~10 passes over B x Di x N fp32 per layer when eager). Run eagerly it is the reference the compiled
     one is tested against. Each state tensor is passed once: a graph that mutates two aliased inputs runs on the
     wrong arguments in torch 2.13."""
-    return h + block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), state)  # (B, D)
+    return h + block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), state) * block.residual_multiplier
 
 
 class HybridLM(nn.Module):
@@ -109,8 +127,10 @@ class HybridLM(nn.Module):
             self.lm_head.weight = self.embeddings.weight
 
     def cast(self, dtype: torch.dtype) -> HybridLM:
-        """Cast the weights to `dtype`, keeping each mixer's FP32_PARAMS (Mamba's A_log and D) in fp32."""
-        fp32 = [getattr(b.mixer, n) for b in self.layers for n in getattr(b.mixer, "FP32_PARAMS", ())]
+        """Cast the weights to `dtype`, keeping each mixer's and FFN's FP32_PARAMS (Mamba's A_log and D, the
+        sigmoid router's bias) in fp32."""
+        owners = [m for b in self.layers for m in (b.mixer, b.ffn) if m is not None]
+        fp32 = [getattr(m, n) for m in owners for n in getattr(m, "FP32_PARAMS", ())]
         keep = [p.data.float().clone() for p in fp32]
         self.to(dtype)
         for p, data in zip(fp32, keep):
@@ -130,16 +150,19 @@ class HybridLM(nn.Module):
             for name, mod in block.named_modules():
                 if isinstance(mod, nn.Linear) and mod.bias is not None and not name.endswith("dt_proj"):
                     mod.bias.zero_()
-            getattr(block.mixer, block.mixer.RESIDUAL_OUT).weight.mul_(scale)
-            if isinstance(block.ffn, SwiGLU):
+            if block.mixer is not None:
+                getattr(block.mixer, block.mixer.RESIDUAL_OUT).weight.mul_(scale)
+            if isinstance(block.ffn, (SwiGLU, Relu2MLP)):
                 block.ffn.down_proj.weight.mul_(scale)
             elif isinstance(block.ffn, MoE):
                 block.ffn.down_proj.mul_(scale)
                 nn.init.normal_(block.ffn.router.weight, std=cfg.init_std)
+                if block.ffn.shared_mlp is not None:
+                    block.ffn.shared_mlp.down_proj.weight.mul_(scale)
 
     # ---------------------------------------------------------------- state
     def state_specs(self) -> list:
-        return [block.mixer.state_spec() for block in self.layers]
+        return [block.mixer.state_spec() if block.mixer is not None else {} for block in self.layers]
 
     def empty_state(self, batch: int, device: torch.device | str | None = None, capacity: int = 0) -> ModelState:
         """Zero state for `batch` fresh sequences; growing tensors (K/V) get room for `capacity` tokens."""
@@ -148,11 +171,14 @@ class HybridLM(nn.Module):
 
     def _embed(self, tokens: Tensor) -> Tensor:
         h = self.embeddings(tokens)  # (B, L, D) or (B, D)
+        if self.config.embedding_multiplier != 1:
+            h = h * self.config.embedding_multiplier
         return h.float() if self.config.residual_in_fp32 else h
 
     def _logits(self, h: Tensor) -> Tensor:
         # The fp32 residual is normalised as is and cast once for the head (HF MambaForCausalLM).
-        return self.lm_head(self.norm_f(h).to(self.lm_head.weight.dtype)).float()  # (..., V)
+        logits = self.lm_head(self.norm_f(h).to(self.lm_head.weight.dtype)).float()  # (..., V)
+        return logits / self.config.logits_scaling if self.config.logits_scaling != 1 else logits
 
     def _run(self, tokens: Tensor, state: ModelState):
         """tokens (B, L) -> final hidden (B, L, D), new state, routers of MoE layers."""
@@ -243,6 +269,6 @@ class HybridLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
         for moe in self.moe_layers().values():
-            per_expert = moe.gate_proj[0].numel() + moe.up_proj[0].numel() + moe.down_proj[0].numel()
+            per_expert = sum(w[0].numel() for w in moe.expert_params())
             inactive += (moe.n_experts - moe.top_k) * per_expert
         return total, total - inactive

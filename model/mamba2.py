@@ -17,17 +17,18 @@ hold `ssd_chunked` and the mixer's one-token `step` to it. All of it runs in fp3
 Parameter names and shapes are those of HF `Mamba2Mixer` (and Bamba's, GraniteMoeHybrid's, NemotronH's and
 Falcon-H1's mixers, the last without its muP multipliers), so their checkpoints load by name: in_proj
 (2Di + 2GN + H, D) producing z, x, B, C, dt; conv1d (Di + 2GN, 1, K) depthwise over x, B and C; dt_bias (H,);
-A_log (H,); D (H,); norm.weight (Di,); out_proj (D, Di). A_log, D and dt_bias stay fp32 when the module is
-cast (see `_apply`).
+A_log (H,); D (H,); norm.weight (Di,); out_proj (D, Di). A_log, D and dt_bias stay fp32 when the model is
+cast (FP32_PARAMS, read by HybridLM.cast).
 
 The per-sequence state is fixed-size whatever the length:
     conv: (B, Di + 2GN, K)  the last K pre-conv inputs, oldest first (the newest at index K-1);
     ssm:  (B, H, P, N)      h after the last token, fp32.
     forward(u, state)   a sequence, continuing from `state` (None or zeros = a fresh sequence). With a
                         cached state this is chunked prefill: the conv window continues from the cached
-                        inputs and the SSD scan starts from the cached h.
-    step(u, state)      one token per sequence: the O(1) decode.
-Both return the new state as a dict and never modify their inputs: the caller owns and writes the state.
+                        inputs and the SSD scan starts from the cached h. Returns the new state as a dict and
+                        leaves `state` as it was.
+    step(u, state)      one token per sequence: the O(1) decode, writing the new state over `state` in place
+                        (the mixer interface of mixers.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_FP32_PARAMS = ("A_log", "D", "dt_bias")  # the SSM's own parameters: fp32 whatever the model dtype
+from .config import ModelConfig
+from .state import StateSpec
 
 
 def ssd_reference(
@@ -160,6 +162,30 @@ class Mamba2Mixer(nn.Module):
     d_inner / n_groups when None. norm_before_gate: see RMSNormGated.
     """
 
+    FP32_PARAMS = ("A_log", "D", "dt_bias")  # the SSM's own parameters: fp32 whatever the model dtype
+    RESIDUAL_OUT = "out_proj"
+    COMPILE_STEP = True
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Mamba2Mixer:
+        """The mixer of a `LayerSpec("mamba2")` layer."""
+        m = cls(
+            cfg.d_model,
+            cfg.mamba2_n_heads,
+            cfg.mamba2_head_dim,
+            cfg.d_state,
+            n_groups=cfg.n_groups,
+            d_conv=cfg.d_conv,
+            chunk_size=cfg.chunk_size,
+            conv_bias=cfg.conv_bias,
+            proj_bias=cfg.proj_bias,
+            norm_eps=cfg.norm_eps,
+            norm_before_gate=cfg.norm_before_gate,
+            time_step_limit=(cfg.time_step_limit_min, cfg.time_step_limit_max or math.inf),
+        )
+        m.reset_ssm_parameters(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        return m
+
     def __init__(
         self,
         d_model: int,
@@ -205,32 +231,17 @@ class Mamba2Mixer(nn.Module):
         dt = dt.clamp(min=dt_init_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt), so softplus(dt_bias) = dt
 
-    def _apply(self, fn, recurse=True):
-        """Casts and moves as nn.Module does, but A_log, D and dt_bias stay fp32: `.to(torch.bfloat16)`
-        moves them to the new device without rounding them (the SSM runs in fp32 regardless)."""
-        keep = {name: getattr(self, name).data for name in _FP32_PARAMS}
-        super()._apply(fn, recurse)
-        for name, old in keep.items():
-            p = getattr(self, name)
-            if p.dtype != torch.float32:
-                p.data = old.to(device=p.device, dtype=torch.float32)
-        return self
-
-    def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-        """Per-sequence state shapes (no batch dim) and dtypes; None is the weight dtype."""
+    def state_spec(self) -> dict[str, StateSpec]:
         return {
-            "conv": ((self.conv_dim, self.d_conv), None),
-            "ssm": ((self.n_heads, self.head_dim, self.d_state), torch.float32),
+            "conv": StateSpec((self.conv_dim, self.d_conv)),
+            "ssm": StateSpec((self.n_heads, self.head_dim, self.d_state), torch.float32),
         }
 
     def empty_state(self, batch: int, device=None, dtype=None) -> dict[str, Tensor]:
         """Zeros of `state_spec` with a leading batch dim: a fresh sequence. dtype replaces the weight dtype."""
         device = self.in_proj.weight.device if device is None else device
         dtype = dtype or self.in_proj.weight.dtype
-        return {
-            name: torch.zeros(batch, *shape, device=device, dtype=dt or dtype)
-            for name, (shape, dt) in self.state_spec().items()
-        }
+        return {name: spec.zeros(batch, 0, device, dtype) for name, spec in self.state_spec().items()}
 
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(..., 2Di + 2GN + H) -> z (..., Di), xBC (..., Di + 2GN), dt (..., H): HF's order."""
@@ -273,8 +284,9 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(Bsz, L, self.d_inner), z).to(z.dtype)  # (B, L, Di)
         return self.out_proj(y), {"conv": new_conv, "ssm": h}  # (B, L, D)
 
-    def step(self, u: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """u: (B, D) one token per sequence -> out (B, D), the state advanced by one token."""
+    def step(self, u: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """u: (B, D) one token per sequence -> out (B, D); conv (B, Di + 2GN, K) and ssm (B, H, P, N) advanced
+        by one token in place."""
         Bsz = u.shape[0]
         z, xBC, dt = self._split(self.in_proj(u))  # (B, Di), (B, Di + 2GN), (B, H)
         window = torch.cat([state["conv"][..., 1:], xBC.unsqueeze(-1).to(state["conv"].dtype)], dim=-1)  # (B, ., K)
@@ -292,4 +304,6 @@ class Mamba2Mixer(nn.Module):
         with torch.autocast(u.device.type, enabled=False):  # the readout stays fp32 under autocast, as in forward
             y = torch.einsum("bhpn,bhn->bhp", h, C_h) + x32 * self.D.float()[:, None]  # (B, H, P)
         y = self.norm(y.reshape(Bsz, self.d_inner), z).to(z.dtype)  # (B, Di)
-        return self.out_proj(y), {"conv": window, "ssm": h}  # (B, D)
+        state["conv"].copy_(window)  # the old state was read above
+        state["ssm"].copy_(h)
+        return self.out_proj(y)  # (B, D)

@@ -14,13 +14,21 @@ Adding a mixer: its module file, a line here, and its options in config.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from .attention import Attention
 from .config import ModelConfig
 from .mamba import MambaMixer
+from .mamba2 import Mamba2Mixer
 
-MIXERS: dict[str, type[nn.Module]] = {"mamba": MambaMixer, "attention": Attention}
+# name -> a constructor taking the ModelConfig
+MIXERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "mamba": MambaMixer,
+    "mamba2": Mamba2Mixer.from_config,
+    "attention": Attention,
+}
 
 
 def build_mixer(name: str, cfg: ModelConfig) -> nn.Module:

@@ -4,9 +4,13 @@ Glossary: T tokens (flattened batch x length), D d_model, F expert hidden size, 
 token, A assignments (T * k, or fewer when a capacity drops some).
 
 Router: logits = x W_r^T in fp32 ("selective precision", Switch §2.4); p = softmax over all E; the top-k
-experts are chosen with weights p (renormalised over the k chosen if `renormalize`, as Mixtral; not, as
-Jamba and Switch). Each expert is a SwiGLU MLP. Experts are stored stacked, (E, F, D) / (E, D, F), and
-loaded from HF's per-expert `experts.{e}.*_proj.weight` by stacking.
+experts are chosen with weights p (renormalised over the k chosen if `renormalize`, as Mixtral and Granite;
+not, as Jamba and Switch). Each expert is a SwiGLU MLP. Experts are stored stacked, (E, F, D) / (E, D, F), and
+loaded from HF's per-expert `experts.{e}.*_proj.weight` by stacking. An optional shared expert (Granite's
+`shared_mlp`) sees every token, unweighted, beside the routed ones.
+
+`SigmoidMoE` is Nemotron-H's variant: sigmoid scores, a correction bias that only steers the choice, the best
+`topk_groups` of `n_groups` expert groups, relu² experts without a gate, and a relu² shared expert.
 
 Dispatch is dropless by default: assignments are sorted by expert, each expert runs ONE matmul chain on
 its contiguous block of tokens, and the weighted outputs are scattered back with index_add_ (MegaBlocks'
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .layers import Relu2MLP, SwiGLU
 
 
 @dataclass
@@ -59,6 +65,8 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 
 class MoE(nn.Module):
+    GATED = True  # SwiGLU experts (gate_proj, up_proj, down_proj); False: relu² (up_proj, down_proj)
+
     def __init__(
         self,
         d_model: int,
@@ -67,25 +75,38 @@ class MoE(nn.Module):
         top_k: int,
         renormalize: bool = False,
         capacity_factor: float = 0.0,
+        shared_d_ff: int = 0,
     ) -> None:
         super().__init__()
         self.n_experts, self.top_k, self.renormalize = n_experts, top_k, renormalize
         self.capacity_factor = capacity_factor
         self.router = nn.Linear(d_model, n_experts, bias=False)  # (E, D)
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # (E, F, D)
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_model)) if self.GATED else None  # (E, F, D)
         self.up_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # (E, F, D)
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # (E, D, F)
-        for w in (self.gate_proj, self.up_proj, self.down_proj):
+        for w in self.expert_params():
             for e in range(n_experts):  # each expert initialised as a separate nn.Linear would be
                 nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
+        shared = SwiGLU if self.GATED else Relu2MLP
+        self.shared_mlp = shared(d_model, shared_d_ff) if shared_d_ff else None
         # Routing statistics since the last reset: assignments per expert and dropped assignments.
         # Training, /metrics and router plots read these; they are not saved with the weights.
         self.register_buffer("expert_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
         self.register_buffer("dropped_count", torch.zeros((), dtype=torch.long), persistent=False)
 
+    def expert_params(self) -> list[nn.Parameter]:
+        """The stacked expert weights, each with the expert on axis 0."""
+        return [w for w in (self.gate_proj, self.up_proj, self.down_proj) if w is not None]
+
     def expert(self, e: int, x: Tensor) -> Tensor:
-        """Expert e's SwiGLU on x (n, D) -> (n, D)."""
+        """Expert e on x (n, D) -> (n, D): SwiGLU, or relu² when not GATED."""
+        if self.gate_proj is None:
+            return F.linear(F.relu(F.linear(x, self.up_proj[e])).square(), self.down_proj[e])
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def route(self, x: Tensor) -> RouterOutput:
+        """x (T, D) -> the chosen experts and their weights."""
+        return route(self.router_logits(x), self.top_k, self.renormalize)
 
     def router_logits(self, x: Tensor) -> Tensor:
         """x: (T, D) -> (T, E), computed in fp32 whatever the weight dtype, also under autocast."""
@@ -96,7 +117,7 @@ class MoE(nn.Module):
         """x: (..., D) -> (..., D), plus the routing decisions (for the aux and z losses)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
-        r = route(self.router_logits(x), self.top_k, self.renormalize)
+        r = self.route(x)
         flat_experts = r.experts.reshape(-1)  # (T*k,)
         order = torch.argsort(flat_experts, stable=True)  # (T*k,) assignments grouped by expert
         counts = torch.bincount(flat_experts, minlength=self.n_experts)  # (E,)
@@ -113,6 +134,8 @@ class MoE(nn.Module):
         ys = torch.cat(outs) if outs else xs[:0]  # (A, D)
         ys = ys * r.weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)  # scale by the routing weight
         out = torch.zeros_like(x).index_add_(0, tokens, ys.to(x.dtype))  # (T, D); autocast may make ys bf16
+        if self.shared_mlp is not None:
+            out = out + self.shared_mlp(x)
         return out.reshape(shape), r
 
     def _within_capacity(self, sorted_experts: Tensor, counts: Tensor, n_tokens: int) -> Tensor | None:
@@ -129,13 +152,74 @@ class MoE(nn.Module):
         self.dropped_count.zero_()
 
 
+class SigmoidMoE(MoE):
+    """Nemotron-H's MoE: relu² experts, sigmoid routing with a selection-only correction bias and group limit."""
+
+    GATED = False
+    FP32_PARAMS = ("router_bias",)  # HF keeps e_score_correction_bias fp32: it decides close choices
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        n_experts: int,
+        top_k: int,
+        renormalize: bool = True,
+        capacity_factor: float = 0.0,
+        shared_d_ff: int = 0,
+        n_groups: int = 1,
+        topk_groups: int = 1,
+        scaling: float = 1.0,
+    ) -> None:
+        super().__init__(d_model, d_ff, n_experts, top_k, renormalize, capacity_factor, shared_d_ff)
+        self.n_groups, self.topk_groups, self.scaling = n_groups, topk_groups, scaling
+        self.register_buffer("router_bias", torch.zeros(n_experts, dtype=torch.float32))  # (E,)
+
+    def route(self, x: Tensor) -> RouterOutput:
+        logits = self.router_logits(x)  # (T, E) fp32
+        scores = logits.sigmoid()
+        choice = scores + self.router_bias.float()  # (T, E): the bias steers the choice, not the weights
+        T, G = choice.shape[0], self.n_groups
+        if G > 1:  # a group scores the sum of its best two experts; only the best topk_groups groups compete
+            group_scores = choice.view(T, G, -1).topk(min(2, choice.shape[1] // G), dim=-1).values.sum(-1)  # (T, G)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(choice.shape[1] // G, dim=1), -math.inf)
+        experts = choice.topk(self.top_k, dim=-1).indices  # (T, k)
+        weights = scores.gather(1, experts)  # (T, k)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return RouterOutput(logits, weights * self.scaling, experts)
+
+
+def sigmoid_route_reference(moe: SigmoidMoE, x_t: Tensor) -> list[tuple[int, float]]:
+    """One token's (expert, weight) pairs by the definition, in plain Python over the E scores."""
+    scores = [float(s) for s in moe.router_logits(x_t[None])[0].sigmoid()]
+    choice = [s + float(b) for s, b in zip(scores, moe.router_bias)]
+    per_group = len(scores) // moe.n_groups
+    groups = [choice[g * per_group : (g + 1) * per_group] for g in range(moe.n_groups)]
+    group_score = [sum(sorted(g, reverse=True)[:2]) for g in groups]
+    kept = sorted(range(moe.n_groups), key=lambda g: -group_score[g])[: moe.topk_groups]
+    candidates = [e for e in range(len(scores)) if e // per_group in kept]
+    chosen = sorted(candidates, key=lambda e: -choice[e])[: moe.top_k]
+    total = sum(scores[e] for e in chosen) + 1e-20 if moe.renormalize else 1.0
+    return [(e, scores[e] / total * moe.scaling) for e in chosen]
+
+
+def _route_token(moe: MoE, x_t: Tensor) -> list[tuple[int, float]]:
+    if isinstance(moe, SigmoidMoE):
+        return sigmoid_route_reference(moe, x_t)
+    r = route(moe.router_logits(x_t[None]), moe.top_k, moe.renormalize)
+    return [(int(e), w) for e, w in zip(r.experts[0], r.weights[0])]
+
+
 def moe_reference(moe: MoE, x: Tensor) -> Tensor:
-    """The obvious definition, one token and one chosen expert at a time (dropless)."""
+    """The obvious definition, one token and one chosen expert at a time (dropless), plus the shared expert."""
     x2 = x.reshape(-1, x.shape[-1])  # (T, D)
-    r = route(moe.router_logits(x2), moe.top_k, moe.renormalize)
     out = torch.zeros_like(x2)
     for t in range(x2.shape[0]):
-        for j in range(moe.top_k):
-            e = int(r.experts[t, j])
-            out[t] += r.weights[t, j].to(x.dtype) * moe.expert(e, x2[t : t + 1])[0]
+        for e, w in _route_token(moe, x2[t]):
+            out[t] += torch.as_tensor(w).to(x.dtype) * moe.expert(e, x2[t : t + 1])[0]
+        if moe.shared_mlp is not None:
+            out[t] += moe.shared_mlp(x2[t : t + 1])[0]
     return out.reshape(x.shape)

@@ -29,8 +29,21 @@ def _token_str(value) -> str | None:
     return value
 
 
+def _model_eos_ids(directory: Path) -> set[int]:
+    """Every eos_token_id of a Hugging Face checkpoint's config.json and generation_config.json (an int or, in
+    many chat models, a list: end of text and end of turn). Our own checkpoints keep their stops in
+    tokenizer_config.json; their config.json's eos_token_id is a model default, not read here."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        file = directory / name
+        cfg = json.loads(file.read_text()) if file.exists() else {}
+        eos = None if cfg.get("model_type") == "aetheris" else cfg.get("eos_token_id")
+        ids.update(i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int))
+    return ids
+
+
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer, config: dict | None = None) -> None:
+    def __init__(self, tokenizer: HFTokenizer, config: dict | None = None, stop_ids: set[int] = frozenset()) -> None:
         self.tokenizer = tokenizer
         self.config = dict(config or {})
         self.bos_token = _token_str(self.config.get("bos_token"))
@@ -48,7 +61,7 @@ class Tokenizer:
         # Tokens that end a generation: EOS and the end-of-turn marker of the chat template, if known.
         # The role markers stop too: a model that skips <|end|> must not write the next turn itself.
         stops = [self.eos_token, "<|end|>", "<|user|>", "<|system|>", *self.config.get("stop_tokens", [])]
-        self.stop_token_ids = sorted({i for t in stops if (i := self.token_to_id(t)) is not None})
+        self.stop_token_ids = sorted({i for t in stops if (i := self.token_to_id(t)) is not None} | set(stop_ids))
         self._byte_level = _is_byte_level(self.tokenizer)
         added = self.tokenizer.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
@@ -60,7 +73,7 @@ class Tokenizer:
             return None
         config_file = directory / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), config)
+        return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), config, _model_eos_ids(directory))
 
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)

@@ -48,6 +48,51 @@ LAYOUTS = {
         partial_rotary_factor=0.5,
         attn_bias=True,
     ),
+    # Mamba-2 (2 groups, chunks of 4: every prompt spans several) + attention + MoE with a shared expert and
+    # Granite's multipliers: Bamba / Granite 4.0-H shapes.
+    "mamba2-hybrid": dict(
+        layers=[LayerSpec("mamba2", "moe"), LayerSpec("attention", "mlp"), LayerSpec("mamba2", None)],
+        mamba2_head_dim=8,
+        n_groups=2,
+        chunk_size=4,
+        time_step_limit_min=0.01,
+        time_step_limit_max=0.5,
+        d_ff=40,
+        shared_d_ff=24,
+        n_experts=4,
+        top_k=2,
+        renormalize=True,
+        n_heads=4,
+        n_kv_heads=2,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        logits_scaling=1.5,
+    ),
+    # Nemotron-H: each layer one sublayer; sigmoid-routed relu² MoE in 2 groups with a shared expert.
+    "nemotron-h": dict(
+        layers=[LayerSpec("mamba2", None), LayerSpec(None, "moe_sigmoid"), LayerSpec("attention", None)]
+        + [LayerSpec(None, "mlp_relu2"), LayerSpec("mamba2", None)],
+        mamba2_heads=6,
+        mamba2_head_dim=6,
+        n_groups=3,
+        chunk_size=5,
+        d_ff=40,
+        moe_d_ff=24,
+        shared_d_ff=16,
+        n_experts=6,
+        top_k=2,
+        renormalize=True,
+        n_expert_groups=3,
+        topk_groups=2,
+        routed_scaling_factor=2.5,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=6,
+        residual_in_fp32=False,
+        tie_embeddings=False,
+    ),
 }
 # What the serving and training tests run by default: a plain Mamba layer and a Mamba + MoE layer.
 SERVING = dict(layers=[LayerSpec("mamba", None), LayerSpec("mamba", "moe")], d_ff=48, n_experts=4, top_k=1)

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import HybridLM, LayerSpec, ModelConfig
 from model.mamba2 import Mamba2Mixer, RMSNormGated, ssd_chunked, ssd_reference
+from model.state import StateSpec
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 HF_TOL = dict(atol=1e-4, rtol=1e-4)
@@ -110,21 +112,37 @@ def test_parameter_names_shapes_and_state_spec():
         "norm.weight": (Di,),
         "out_proj.weight": (D, Di),
     }
-    assert m.state_spec() == {"conv": ((conv_dim, K), None), "ssm": ((H, P, N), torch.float32)}
+    assert m.state_spec() == {"conv": StateSpec((conv_dim, K)), "ssm": StateSpec((H, P, N), torch.float32)}
     state = m.to(torch.bfloat16).empty_state(3)
     assert state["conv"].shape == (3, conv_dim, K) and state["conv"].dtype == torch.bfloat16
     assert state["ssm"].shape == (3, H, P, N) and state["ssm"].dtype == torch.float32
     assert not any(t.any() for t in state.values())
-    # the SSM's own parameters stay fp32 (and unrounded) through a cast
-    assert all(getattr(m, n).dtype == torch.float32 for n in ("A_log", "D", "dt_bias"))
+
+
+def test_from_config_and_fp32_params_through_a_model_cast():
+    """A `mamba2` layer takes its sizes from ModelConfig; HybridLM.cast keeps A_log, D and dt_bias fp32 and
+    unrounded while the projections go bf16."""
+    cfg = ModelConfig(
+        vocab_size=11, d_model=15, layers=[LayerSpec("mamba2")], mamba2_heads=6, mamba2_head_dim=5, d_state=7,
+        n_groups=3, chunk_size=8, time_step_limit_min=0.1, norm_before_gate=True,
+    )  # fmt: skip
+    model = HybridLM(cfg)
+    m = model.layers[0].mixer
+    assert (m.n_heads, m.head_dim, m.d_state, m.n_groups, m.chunk_size) == (6, 5, 7, 3, 8)
+    assert m.time_step_limit == (0.1, math.inf) and m.norm.norm_before_gate
+    with torch.no_grad():
+        m.A_log.add_(1e-4)  # not representable in bf16
+    before = {n: getattr(m, n).detach().clone() for n in Mamba2Mixer.FP32_PARAMS}
+    model.cast(torch.bfloat16)
+    assert all(torch.equal(getattr(m, n), before[n]) for n in Mamba2Mixer.FP32_PARAMS)
     assert m.in_proj.weight.dtype == torch.bfloat16
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def _decode(m: Mamba2Mixer, u: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-    outs = []
-    for t in range(u.shape[1]):
-        o, state = m.step(u[:, t], state)
-        outs.append(o)
+    """Step through u on a copy of `state`, in place, as the model's decode does."""
+    state = {k: v.clone() for k, v in state.items()}
+    outs = [m.step(u[:, t], state) for t in range(u.shape[1])]
     return torch.stack(outs, 1), state
 
 
@@ -202,7 +220,11 @@ def test_gated_norm_groups():
 def test_bf16_step_matches_forward():
     """In bf16 weights the SSM and state stay fp32 and the conv accumulates in fp32, so decode follows
     prefill to bf16 rounding."""
-    m = _mixer().to(torch.bfloat16)
+    m = _mixer()
+    keep = {n: getattr(m, n).data for n in Mamba2Mixer.FP32_PARAMS}
+    m.to(torch.bfloat16)
+    for n, data in keep.items():  # as HybridLM.cast does
+        getattr(m, n).data = data
     u = torch.randn(2, 21, 15, dtype=torch.bfloat16)
     with torch.no_grad():
         out, state = m(u)

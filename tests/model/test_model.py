@@ -1,10 +1,12 @@
 """Core invariances of the model: decode == forward, chunked == one-shot, batched == alone, for every layout
 (pure Mamba, MoE-Mamba, attention-free Jamba, and a hybrid with grouped-query RoPE attention)."""
 
+import json
+
 import pytest
 import torch
 
-from model import HybridLM, preset
+from model import HybridLM, ModelConfig, preset
 from model.packed import pack_linears
 from tests.helpers import LAYOUTS, assert_states_close, tiny
 
@@ -140,6 +142,32 @@ def test_low_precision_decode_close_to_forward(dtype):
         assert (logits - full[:, t]).abs().max() < 2e-2  # forward and step share the fp32 conv and scan
 
 
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(layers=[{"mixer": None, "ffn": None}]), "needs a mixer, a feed-forward or both"),
+        (dict(layers=[{"mixer": "mamba2"}], mamba2_heads=6, n_groups=4), "n_groups dividing"),
+        (
+            dict(layers=[{"mixer": "mamba2"}], mamba2_head_dim=8, time_step_limit_min=0.5, time_step_limit_max=0.1),
+            "time_step",
+        ),
+        (dict(layers=[{"mixer": None, "ffn": "moe_sigmoid"}], d_ff=8, n_experts=6, n_expert_groups=4), "divide"),
+        (dict(layers=[{"mixer": "mamba", "ffn": "mlp_relu2"}]), "d_ff > 0"),
+        (dict(logits_scaling=0.0), "logits_scaling"),
+        (dict(n_groups=1.5), "n_groups must be an integer"),
+    ],
+)
+def test_config_refuses_inconsistent_layouts(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{"vocab_size": 11, "d_model": 16, **kw})
+
+
+def test_config_json_round_trip_of_every_layout():
+    for layout in LAYOUTS:
+        cfg = tiny(layout).config
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
 def test_presets_build():
     for name in ("debug", "aetheris-hybrid"):
         assert HybridLM(preset(name)).config.n_layers >= 2
@@ -162,7 +190,7 @@ def test_decode_in_place_equals_fresh_state(layout):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("layout", ["moe-mamba", "jamba", "hybrid"])
+@pytest.mark.parametrize("layout", ["moe-mamba", "jamba", "hybrid", "mamba2-hybrid"])
 def test_compiled_inference_equals_eager(layout, packed):
     """The torch.compile'd prefill scan and mixer step (fused kernels, state stored straight into `out`), on
     plain or oneDNN-packed projections (the serving fast path), against the plain eager reference, at batch 1

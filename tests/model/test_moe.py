@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.moe import MoE, load_balancing_loss, moe_reference, route, router_z_loss
+from model.moe import MoE, SigmoidMoE, load_balancing_loss, moe_reference, route, router_z_loss, sigmoid_route_reference
 
 
 @pytest.mark.parametrize("top_k,renorm", [(1, False), (2, False), (2, True)])
@@ -17,6 +17,46 @@ def test_grouped_dispatch_equals_naive_loop(top_k, renorm):
     assert int(moe.expert_counts.sum()) == 21 * top_k
     if renorm:
         assert torch.allclose(router.weights.sum(-1), torch.ones(21))
+
+
+def test_shared_expert_is_added_to_every_token():
+    """Granite's MoE: softmax top-k renormalised, plus a SwiGLU shared expert on every token, unweighted."""
+    moe = MoE(16, 24, n_experts=5, top_k=2, renormalize=True, shared_d_ff=12).eval()
+    x = torch.randn(2, 5, 16)
+    out, _ = moe(x)
+    torch.testing.assert_close(out, moe_reference(moe, x), atol=1e-6, rtol=1e-6)
+    shared = moe.shared_mlp
+    moe.shared_mlp = None
+    torch.testing.assert_close(out - moe(x)[0], shared(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("groups,keep,renorm", [(1, 1, True), (3, 2, True), (3, 1, False), (2, 2, True)])
+def test_sigmoid_routing_equals_per_token_definition(groups, keep, renorm):
+    """Nemotron-H's router: the vectorised grouped top-k with a correction bias == the plain-Python definition,
+    and the whole MoE (relu² experts + shared expert) == the per-token loop."""
+    moe = SigmoidMoE(16, 24, 6, 2, renorm, shared_d_ff=8, n_groups=groups, topk_groups=keep, scaling=2.5).eval()
+    moe.router_bias.copy_(torch.randn(6) * 0.3)  # big enough to change choices
+    x = torch.randn(40, 16)
+    r = moe.route(x)
+    for t in range(40):
+        want = sigmoid_route_reference(moe, x[t])
+        got = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
+        assert set(got) == {e for e, _ in want}
+        for e, w in want:
+            assert math.isclose(got[e], w, rel_tol=1e-5)
+    out, _ = moe(x)
+    torch.testing.assert_close(out, moe_reference(moe, x), atol=1e-5, rtol=1e-5)
+    assert moe.gate_proj is None and moe.expert_params() == [moe.up_proj, moe.down_proj]
+
+
+def test_sigmoid_routing_bias_steers_choice_not_weight():
+    """A large correction bias on expert 0 makes every token choose it, at its unbiased sigmoid weight."""
+    moe = SigmoidMoE(8, 4, 4, 1, renormalize=False).eval()
+    moe.router_bias[0] = 10.0
+    x = torch.randn(9, 8)
+    r = moe.route(x)
+    assert (r.experts[:, 0] == 0).all()
+    torch.testing.assert_close(r.weights[:, 0], moe.router_logits(x)[:, 0].sigmoid())
 
 
 def test_aux_loss_at_perfect_balance_is_k():

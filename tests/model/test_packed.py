@@ -73,12 +73,15 @@ def test_packed_model_equals_unpacked(layout):
     model = tiny(layout)
     model.load_state_dict(ref.state_dict())
     n = pack_linears(model)
-    # in_proj, x_proj, out_proj per Mamba mixer (dt_proj stays), q/k/v/o per attention, 3 per dense MLP, lm_head;
-    # routers stay
-    layers = model.config.layers
-    mlps, attn = sum(s.ffn == "mlp" for s in layers), sum(s.mixer == "attention" for s in layers)
-    assert n == 3 * (len(layers) - attn) + 4 * attn + 3 * mlps + 1
-    assert isinstance(model.layers[0].mixer.dt_proj, torch.nn.Linear)
+    # in_proj, x_proj, out_proj per Mamba mixer (dt_proj stays), in_proj, out_proj per Mamba-2 mixer, q/k/v/o per
+    # attention, 3 per SwiGLU and 2 per relu² MLP (dense or an MoE's shared expert), lm_head; routers stay
+    cfg = model.config
+    per_mixer = {"mamba": 3, "mamba2": 2, "attention": 4, None: 0}
+    shared = cfg.shared_d_ff > 0
+    per_ffn = {"mlp": 3, "mlp_relu2": 2, "moe": 3 * shared, "moe_sigmoid": 2 * shared, None: 0}
+    assert n == sum(per_mixer[s.mixer] + per_ffn[s.ffn] for s in cfg.layers) + 1
+    if cfg.layers[0].mixer == "mamba":
+        assert isinstance(model.layers[0].mixer.dt_proj, torch.nn.Linear)
     assert torch.equal(model.embeddings.weight, ref.embeddings.weight)  # a tied head is packed as a copy
     tokens = torch.randint(0, 97, (2, 9))
     want, want_state = ref.prefill(tokens, ref.empty_state(2), all_logits=True)

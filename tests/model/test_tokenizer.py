@@ -1,5 +1,7 @@
 """Tokenizer wrapper: exact encode/decode, no surprise BOS, UTF-8-safe streaming, chat template."""
 
+import json
+
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from tests.helpers import toy_tokenizer
 
@@ -41,6 +43,20 @@ def test_chat_template_and_stop_tokens(tmp_path):
     tok.save(tmp_path)
     again = Tokenizer.from_dir(tmp_path)
     assert again.encode(TEXT) == tok.encode(TEXT) and again.apply_chat_template(messages) == text
+
+
+def test_stops_at_every_eos_id_of_config_and_generation_config(tmp_path):
+    """A Hugging Face chat model lists several eos ids (end of text, end of turn) in config.json and
+    generation_config.json: generation stops at each of them, beside the tokenizer's own stops."""
+    tok = toy_tokenizer()
+    tok.save(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bamba", "eos_token_id": 7}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [11, 13], "bos_token_id": 1}))
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert set(loaded.stop_token_ids) == set(tok.stop_token_ids) | {7, 11, 13}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "aetheris", "eos_token_id": 5}))
+    (tmp_path / "generation_config.json").unlink()
+    assert Tokenizer.from_dir(tmp_path).stop_token_ids == tok.stop_token_ids  # ours: tokenizer_config decides
 
 
 def test_token_bytes_are_exact_for_partial_characters():
