@@ -73,6 +73,9 @@ class Tokenizer:
             return None
         config_file = directory / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        jinja = directory / "chat_template.jinja"  # where transformers 4.43+ writes a checkpoint's template
+        if not config.get("chat_template") and jinja.exists():
+            config["chat_template"] = jinja.read_text()
         return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), config, _model_eos_ids(directory))
 
     def save(self, directory: str | os.PathLike) -> None:

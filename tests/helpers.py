@@ -180,3 +180,93 @@ def hybrid_jamba(directory: Path, **kw):
     hf = transformers.JambaForCausalLM(cfg).eval()
     hf.save_pretrained(directory)
     return hf
+
+
+# The Mamba-2 hybrid families at odd sizes (tests/model/test_hf_families.py, tests/integration).
+MAMBA2 = dict(hidden_size=12, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=False)
+BAMBA_SSM = dict(mamba_expand=2, mamba_n_heads=6, mamba_d_head=4, mamba_d_state=7, mamba_n_groups=3)
+BAMBA_SSM |= dict(mamba_chunk_size=5, time_step_limit=(0.02, 0.9))
+
+
+def _mamba2(V: int):
+    import transformers
+
+    cfg = transformers.Mamba2Config(
+        vocab_size=V, hidden_size=12, expand=2, num_heads=6, head_dim=4, state_size=7, n_groups=3, chunk_size=5,
+        num_hidden_layers=3, time_step_limit=(0.0, 0.7), use_bias=True,
+    )  # fmt: skip
+    return transformers.Mamba2ForCausalLM(cfg)
+
+
+def _bamba(V: int):
+    import transformers
+
+    cfg = transformers.BambaConfig(
+        **MAMBA2, **BAMBA_SSM, vocab_size=V, num_hidden_layers=3, attn_layer_indices=[1], intermediate_size=22,
+        attention_bias=True, rope_theta=500.0,
+    )  # fmt: skip
+    return transformers.BambaForCausalLM(cfg)
+
+
+def _granite(V: int, n_experts: int = 5):
+    import transformers
+
+    cfg = transformers.GraniteMoeHybridConfig(
+        **MAMBA2, **BAMBA_SSM, vocab_size=V, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+        intermediate_size=14, shared_intermediate_size=10, num_local_experts=n_experts, num_experts_per_tok=2,
+        position_embedding_type="rope", embedding_multiplier=1.7, residual_multiplier=0.6,
+        attention_multiplier=0.4, logits_scaling=2.5,
+    )  # fmt: skip
+    return transformers.GraniteMoeHybridForCausalLM(cfg)
+
+
+def _nemotron_h(V: int):
+    import transformers
+
+    cfg = transformers.NemotronHConfig(
+        **MAMBA2, vocab_size=V, mamba_num_heads=6, mamba_head_dim=4, ssm_state_size=7, n_groups=3, chunk_size=5,
+        head_dim=5,
+        layers_block_type=["mamba", "moe", "attention", "mlp", "mamba"], intermediate_size=22,
+        moe_intermediate_size=9, moe_shared_expert_intermediate_size=8, n_routed_experts=6, num_experts_per_tok=2,
+        n_group=3, topk_group=2, routed_scaling_factor=1.8, time_step_min=0.05,
+    )  # fmt: skip
+    return transformers.NemotronHForCausalLM(cfg)
+
+
+FAMILIES = {
+    "mamba2": _mamba2,
+    "bamba": _bamba,
+    "granitemoehybrid": _granite,
+    "granite-dense": lambda V: _granite(V, n_experts=0),
+    "nemotron_h": _nemotron_h,
+}
+
+
+@torch.no_grad()
+def _randomize(model) -> None:
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm_f.weight"):
+            p.uniform_(0.5, 1.5)
+        elif name.endswith(("A_log", "dt_bias")):
+            p.uniform_(-1.0, 1.0)
+        else:
+            p.normal_(0.0, 0.3)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.normal_(0.0, 0.2)
+
+
+def save_hf_family(family: str, directory: Path, vocab_size: int = 61, **save_kw):
+    """A random HF checkpoint of one Mamba-2 family at odd sizes (Mamba-2 with H = 6 heads of P = 4 in G = 3 groups,
+    N = 7, chunk 5; grouped-query attention 3 heads over 1 K/V head), every parameter random, written by
+    save_pretrained and reloaded by transformers as a user would. Returns the HF model."""
+    import transformers
+
+    hf = FAMILIES[family](vocab_size)
+    _randomize(hf)
+    hf.eval().save_pretrained(directory, **save_kw)
+    # Reloaded as a user would; eager attention and the per-expert loop (HF's grouped_mm needs 16-byte strides)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation="eager", experts_implementation="eager"
+    ).eval()

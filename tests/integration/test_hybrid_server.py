@@ -1,6 +1,7 @@
-"""A Jamba checkpoint with attention layers, served by a real server process: greedy text equals transformers'
-greedy loop for concurrent requests of different lengths, forks and prefix-snapshot resumes equal a fresh run,
-and the context limit answers as vLLM does."""
+"""Every hybrid family we load (Jamba with attention; Mamba2, Bamba, Granite 4.0-H dense and MoE, Nemotron-H), as a
+random HF checkpoint served by a real server process: greedy text equals transformers' greedy loop for concurrent
+requests of different lengths, forks and prefix-snapshot resumes equal a fresh run, and the context limit
+answers as vLLM does."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ import pytest
 import torch
 
 from aetheris.serverproc import ServerProcess
-from tests.helpers import hybrid_jamba, toy_tokenizer
+from model.checkpoint import load_model
+from tests.helpers import FAMILIES, hybrid_jamba, save_hf_family, toy_tokenizer
 
 pytest.importorskip("transformers", reason="transformers is the reference implementation")
 MAX_LEN = 96
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("jamba")
+@pytest.fixture(scope="module", params=["jamba", *FAMILIES])
+def hf_dir(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
     tok = toy_tokenizer()
-    hf = hybrid_jamba(directory, vocab_size=tok.vocab_size)
+    if request.param == "jamba":
+        hf = hybrid_jamba(directory, vocab_size=tok.vocab_size)
+    else:
+        hf = save_hf_family(request.param, directory, tok.vocab_size)
     tok.save(directory)
     return directory, hf, tok
 
@@ -84,7 +89,7 @@ def test_fork_and_snapshot_resume_equal_a_fresh_run(hf_dir, server):
 
 
 def test_context_limit(hf_dir, server):
-    _, _, tok = hf_dir
+    directory, _, tok = hf_dir
     card = httpx.get(server.url + "/v1/models").json()["data"][0]
     assert card["max_model_len"] == MAX_LEN
     prompt = list(range(5, 5 + MAX_LEN - 4))
@@ -100,5 +105,6 @@ def test_context_limit(hf_dir, server):
     assert complete(server.url, prompt, 4)["usage"]["completion_tokens"] == 4  # at the limit: served
     metrics = httpx.get(server.url + "/metrics").text
     kv = [line for line in metrics.splitlines() if line.startswith('aetheris_slot_state_bytes{kind="kv"}')]
-    # 2 attention layers x K and V x 2 K/V heads x 6 dims x 4 bytes x MAX_LEN tokens
-    assert kv and float(kv[0].split()[-1]) == 2 * 2 * 2 * 6 * 4 * MAX_LEN
+    cfg = load_model(directory)[0].config  # K and V of each attention layer, fp32, MAX_LEN tokens
+    want = len(cfg.attention_layers) * 2 * cfg.n_kv_heads * cfg.attn_head_dim * 4 * MAX_LEN
+    assert kv and float(kv[0].split()[-1]) == want

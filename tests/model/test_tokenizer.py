@@ -74,3 +74,16 @@ def test_template_errors_are_value_errors():
 
     with pytest.raises(ValueError, match="no system role"):
         bad.apply_chat_template([{"role": "system", "content": "x"}])
+
+
+def test_chat_template_jinja_beside_the_tokenizer_is_used(tmp_path):
+    tok = toy_tokenizer()
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    )
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi"
