@@ -66,7 +66,7 @@ class SnapshotStore:
         for path in sorted(self.dir.glob("*.safetensors")):
             try:
                 out.append(self._read(path))
-            except (ValueError, OSError, KeyError, RuntimeError) as e:
+            except Exception as e:  # any unreadable or foreign file (safetensors raises its own error types)
                 log.warning("state cache: skipping %s (%s)", path.name, e)
         return out
 
