@@ -1,4 +1,5 @@
-"""transformers' MambaForCausalLM on the same weights: greedy generate and the prefill forward."""
+"""transformers on the same weights (MambaForCausalLM, or any family through AutoModelForCausalLM): greedy
+generate and the prefill forward."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import torch
 
 
 def load(path, dtype: torch.dtype):
-    from transformers import MambaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return MambaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 @torch.inference_mode()
