@@ -2,7 +2,7 @@
 choice, and the next-token masks of a batch applied to its logits in one vectorised step.
 
 The flow per decode step: every row that has a grammar fills its row of a packed bitmask (32 tokens per
-int32 word, filled in parallel by llguidance's executor), the bits are unpacked into a (R, V) boolean tensor
+int32 word), the bits are unpacked into a (R, V) boolean tensor
 and the forbidden logits of those rows set to -inf before the draw; the drawn token is then consumed by the
 row's matcher (`Sequence.append`). Rows without a grammar are not touched. The matcher allows the stop
 tokens (EOS) only where the grammar is complete, and reports `is_stopped()` once nothing may follow.
@@ -22,10 +22,9 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import llguidance
 import torch
 from llguidance import LLMatcher, LLTokenizer
-from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 from torch import Tensor
 
 from model.tokenizer import Tokenizer
@@ -145,20 +144,14 @@ class GrammarCompiler:
 
 # ---------------------------------------------------------------- masks over a batch
 
-_executor: llguidance.LLExecutor | None = None
-
-
-def _shared_executor() -> llguidance.LLExecutor:
-    global _executor
-    if _executor is None:
-        _executor = llguidance.LLExecutor()
-    return _executor
-
 
 def fill_bitmask(matchers: list[GrammarMatcher]) -> Tensor:
-    """(R, ceil(V/32)) int32: row r packs which tokens matchers[r] allows next, filled in parallel."""
+    """(R, ceil(V/32)) int32: row r packs which tokens matchers[r] allows next. Filled row by row in the
+    engine thread: for 8 rows of a 4096-token vocabulary this takes 0.04 ms here, llguidance's parallel
+    executor 0.66 ms (its hand-off to worker threads costs more than the work on 2 busy cores)."""
     bitmask = allocate_token_bitmask(len(matchers), matchers[0].vocab)  # a server's matchers share one tokenizer
-    fill_next_token_bitmask_par(_shared_executor(), [(g.m, r) for r, g in enumerate(matchers)], bitmask)
+    for r, g in enumerate(matchers):
+        fill_next_token_bitmask(g.m, bitmask, r)
     return bitmask
 
 
@@ -186,10 +179,10 @@ def apply_masks(logits: Tensor, rows: list[int], bitmask: Tensor) -> Tensor:
     """logits (B, V) with every token not allowed in bitmask row r set to -inf in logits row rows[r]; a new
     tensor (the runner's logits also feed logprobs and the prefix cache). Other rows are left as they are."""
     allowed = allowed_tokens(bitmask, logits.shape[-1]).to(logits.device)  # (R, V)
-    out = logits.clone()
     idx = torch.tensor(rows, device=logits.device)
-    out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
-    return out
+    # where + index_copy_: masked_fill and index_put on gathered rows take milliseconds on CPU, these 0.2 ms
+    masked = torch.where(allowed, logits.index_select(0, idx), torch.tensor(float("-inf"), device=logits.device))
+    return logits.clone().index_copy_(0, idx, masked)
 
 
 def apply_masks_reference(logits: Tensor, rows: list[int], bitmask: Tensor) -> Tensor:

@@ -170,6 +170,15 @@ def test_conversation_with_a_tool_result_renders_and_continues(client, server):
     shorter = client.chat.completions.create(model=MODEL, messages=history[:1], tools=TOOLS, max_tokens=1)
     # The call and its result are in the prompt: more tokens than the question alone.
     assert r.usage.prompt_tokens > shorter.usage.prompt_tokens + 20
+    # The SDK's own message object goes back as history, as client code does after a call.
+    first = client.chat.completions.create(
+        model=MODEL, messages=history[:1], tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=2,
+        max_tokens=80,
+    )  # fmt: skip
+    call = first.choices[0].message.tool_calls[0]
+    turn = [*history[:1], first.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "{}"}]
+    again = client.chat.completions.create(model=MODEL, messages=turn, tools=TOOLS, max_tokens=5)
+    assert again.usage.prompt_tokens > shorter.usage.prompt_tokens + 20
 
 
 class Pet(BaseModel):
