@@ -15,6 +15,7 @@ from .errors import APIError
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, new_id, now
 from .serving import Serving
 from .streaming import merge, sse_response, until_disconnect
+from .structured import grammar_for
 from .types import GenerationRequest, TokenLogprob, Usage
 
 
@@ -43,10 +44,11 @@ def _prompts(serving: Serving, prompt) -> list[tuple[str, list[int]]]:
     return out
 
 
-def build_requests(serving: Serving, body: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
+async def build_requests(serving: Serving, body: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
     serving.check_model(body.model)
     if (bad := body.unsupported()) is not None:
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
+    grammar = await grammar_for(serving.grammars, body)
     base = new_id("cmpl")
     reqs = []
     for i, (text, ids) in enumerate(_prompts(serving, body.prompt)):
@@ -56,6 +58,7 @@ def build_requests(serving: Serving, body: CompletionRequest) -> list[tuple[str,
             logprobs=body.logprobs,
             prompt_logprobs=body.echo and body.logprobs is not None,
         )
+        params.grammar = grammar
         reqs.append((text, GenerationRequest(f"{base}-{i}", ids, params)))
     return reqs
 
@@ -80,7 +83,7 @@ class _Logprobs:
 
 
 async def create_completion(serving: Serving, body: CompletionRequest, request: Request):
-    reqs = build_requests(serving, body)
+    reqs = await build_requests(serving, body)
     for _, req in reqs:
         serving.log_request(req)
     streams = await serving.start_all([req for _, req in reqs])

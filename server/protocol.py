@@ -1,12 +1,13 @@
 """Request and response models mirroring the OpenAI API reference (https://platform.openai.com/docs/api-reference).
 
 Requests accept and ignore unknown fields (the SDK sends fields such as `store` or `metadata`); what we
-cannot honour (tools, non-text response formats, images, suffix, best_of != n) is rejected with a 400 by
-`unsupported()`, never silently dropped. Non-OpenAI extensions are marked as such.
+cannot honour (legacy `functions`, images, suffix, best_of != n) is rejected with a 400 by `unsupported()`,
+never silently dropped. Non-OpenAI extensions are marked as such.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -41,6 +42,28 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(OpenAIModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's `structured_outputs` extension: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and text completions, in the reference's order."""
 
@@ -58,6 +81,12 @@ class SamplingFields(OpenAIModel):
     # Extensions (vLLM-compatible names).
     top_k: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    # Extensions: vLLM's constrained-decoding fields (server/structured.py turns them into one grammar).
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -103,10 +132,44 @@ class TextPart(OpenAIModel):
     text: str
 
 
+class FunctionDefinition(OpenAIModel):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's convention)
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call this is the result of
 
     def text(self) -> str:
         if self.content is None:
@@ -115,10 +178,27 @@ class ChatMessage(OpenAIModel):
             return self.content
         return "".join(p.text for p in self.content)
 
-    def to_template(self) -> dict[str, str]:
+    def to_template(self) -> dict[str, Any]:
         """The message as chat templates take it; templates know no "developer" role, which is OpenAI's
-        newer name for "system"."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        newer name for "system". Tool calls carry their arguments as a dict, as HF templates expect."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _args(c)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _args(call: ToolCall) -> Any:
+    try:
+        return json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -127,9 +207,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     max_tokens: Annotated[int, Field(ge=0)] | None = None  # deprecated by OpenAI, still sent by many clients
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: list[Any] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
@@ -141,12 +221,13 @@ class ChatCompletionRequest(SamplingFields):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a feature we cannot provide, else None."""
-        if self.tools or self.functions:
-            return "tools", "tool calling is not supported by this server"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool calling is not supported by this server"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format type 'text' is supported"
+        if self.functions:
+            return "functions", "the legacy functions field is not supported; use tools"
+        names = [t.function.name for t in self.tools or []]
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            return "tool_choice", "tool_choice requires tools"
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            return "tool_choice", f"tool_choice names '{self.tool_choice.function.name}', which is not in tools"
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs requires logprobs to be true"
         if self.stream_options is not None and not self.stream:
@@ -220,6 +301,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -239,9 +321,22 @@ class ChatCompletion(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int  # which call of this choice; the SDK's stream helpers accumulate by it
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

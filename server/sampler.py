@@ -13,6 +13,7 @@ from torch import Tensor
 
 from model.sampling import SamplingBatch, apply_penalties, sample, top_logprobs
 
+from .grammar import constrain
 from .sequence import Sequence
 from .types import TokenLogprob
 
@@ -63,7 +64,8 @@ def sampling_batch(seqs: list[Sequence], logits: Tensor) -> SamplingBatch:
 def sample_next(seqs: list[Sequence], logits: Tensor) -> Sampled:
     """One token per sequence (seqs[i] <-> logits[i], (B, V) fp32), and its logprobs where asked."""
     batch = sampling_batch(seqs, logits)
-    tokens = sample(apply_penalties(logits, batch), batch).tolist()
+    shaped = constrain(apply_penalties(logits, batch), [s.grammar for s in seqs])  # grammar rows only
+    tokens = sample(shaped, batch).tolist()
     out: list[TokenLogprob | None] = [None] * len(seqs)
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if rows:

@@ -13,6 +13,7 @@ import torch
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
+from .grammar import GrammarMatcher
 from .types import ChoiceDelta, SamplingParams, TokenLogprob
 
 
@@ -39,6 +40,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     pending: str = ""  # decoded text not yet released (a stop string may be forming)
     finish_reason: str | None = None
+    grammar: GrammarMatcher | None = None  # where this choice is in its request's grammar, if it has one
 
     @classmethod
     def create(
@@ -47,8 +49,15 @@ class Sequence:
         gen = None
         if params.seed is not None:
             gen = torch.Generator().manual_seed((params.seed + index) % 2**64)
+        grammar = params.grammar.matcher() if params.grammar is not None else None
         return cls(
-            request_id, index, params, set() if params.ignore_eos else stop_ids, IncrementalDetokenizer(tokenizer), gen
+            request_id,
+            index,
+            params,
+            set() if params.ignore_eos else stop_ids,
+            IncrementalDetokenizer(tokenizer),
+            gen,
+            grammar=grammar,
         )
 
     @property
@@ -67,7 +76,10 @@ class Sequence:
             if logprob is not None:
                 delta.logprobs.append(logprob)
             self.pending += self.detok.push(token_id)
-            if len(self.output_ids) >= self.params.max_tokens:
+            if self.grammar is not None and (not self.grammar.consume(token_id) or self.grammar.done):
+                self.pending += self.detok.flush()  # the grammar is complete: nothing may follow
+                self.finish_reason = "stop"
+            elif len(self.output_ids) >= self.params.max_tokens:
                 self.pending += self.detok.flush()
                 self.finish_reason = "length"
         delta.text = self._release()

@@ -10,6 +10,7 @@ from model.tokenizer import Tokenizer
 from .engine import Engine
 from .errors import APIError
 from .settings import Settings
+from .structured import Grammars
 from .types import GenerationRequest, RequestOutput, Usage
 
 log = logging.getLogger("aetheris.api")
@@ -21,6 +22,7 @@ class Serving:
         self.model_name = settings.model_name
         self.vocab = engine.core.vocab
         self.max_model_len = engine.core.cfg.max_model_len or None  # None: no context limit
+        self.grammars = Grammars(tokenizer)
 
     def default_max_tokens(self, prompt_tokens: int) -> int:
         """max_tokens for a chat request that sets none: the server's default, within the context left."""

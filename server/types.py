@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .grammar import CompiledGrammar
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat uses the server's --default-max-tokens
 
@@ -30,6 +34,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; else how many top alternatives per token (0..20)
     prompt_logprobs: bool = False  # completions echo + logprobs: logprob of every prompt token
     n: int = 1
+    grammar: CompiledGrammar | None = None  # constrained decoding: each choice's output matches it
 
     @property
     def needs_penalties(self) -> bool:

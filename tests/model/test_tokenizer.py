@@ -76,14 +76,17 @@ def test_template_errors_are_value_errors():
         bad.apply_chat_template([{"role": "system", "content": "x"}])
 
 
-def test_chat_template_jinja_beside_the_tokenizer_is_used(tmp_path):
+def test_chat_template_jinja_beside_the_config_gets_tools(tmp_path):
+    """The newer HF layout keeps the template in chat_template.jinja; tools reach it as `tools`."""
     tok = toy_tokenizer()
     tok.save(tmp_path)
-    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    config = (tmp_path / "tokenizer_config.json").read_text().replace('"chat_template"', '"unused_template"')
+    (tmp_path / "tokenizer_config.json").write_text(config)
     (tmp_path / "chat_template.jinja").write_text(
-        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
     )
-    loaded = Tokenizer.from_dir(tmp_path)
-    assert loaded.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi"
+    again = Tokenizer.from_dir(tmp_path)
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    assert again.apply_chat_template([{"role": "user", "content": "Hi"}], tools=tools) == "[get_weather]Hi"
+    assert again.apply_chat_template([{"role": "user", "content": "Hi"}]) == "Hi"
