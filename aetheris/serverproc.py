@@ -23,6 +23,10 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model_dir: Path | None, *args: str, env: dict | None = None, timeout: float = 60) -> None:
+        """Flags in `args` go to `python -m server`; compiling (the server's default) is off unless `--compile`
+        is among them, since a compile takes longer than most tests."""
+        if "--compile" not in args:
+            args = (*args, "--no-compile")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         model = ["--model", str(model_dir)] if model_dir is not None else []  # None: the embedded default

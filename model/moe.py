@@ -89,6 +89,7 @@ class MoE(nn.Module):
                 nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
         shared = SwiGLU if self.GATED else Relu2MLP
         self.shared_mlp = shared(d_model, shared_d_ff) if shared_d_ff else None
+        self.linear = F.linear  # how an expert multiplies: F.linear, or packed_linear once pack_experts() ran
         # Routing statistics since the last reset: assignments per expert and dropped assignments.
         # Training, /metrics and router plots read these; they are not saved with the weights.
         self.register_buffer("expert_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
@@ -100,9 +101,10 @@ class MoE(nn.Module):
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert e on x (n, D) -> (n, D): SwiGLU, or relu² when not GATED."""
+        lin = self.linear
         if self.gate_proj is None:
-            return F.linear(F.relu(F.linear(x, self.up_proj[e])).square(), self.down_proj[e])
-        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+            return lin(F.relu(lin(x, self.up_proj[e], None)).square(), self.down_proj[e], None)
+        return lin(F.silu(lin(x, self.gate_proj[e], None)) * lin(x, self.up_proj[e], None), self.down_proj[e], None)
 
     def route(self, x: Tensor) -> RouterOutput:
         """x (T, D) -> the chosen experts and their weights."""

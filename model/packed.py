@@ -84,7 +84,8 @@ def can_pack(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def pack_linears(model: nn.Module) -> int:
-    """Replace every called nn.Linear of `model` (not those in UNPACKED) by a PackedLinear; returns how many.
+    """Replace every called nn.Linear of `model` (not those in UNPACKED) by a PackedLinear, and pack MoE experts
+    (PackedExperts); returns how many Linear layers were packed.
 
     A weight tied to the embeddings is packed as a copy: the embedding lookup keeps the original."""
     if not can_pack(model):
@@ -97,6 +98,7 @@ def pack_linears(model: nn.Module) -> int:
     ]
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
+    pack_experts(model)
     return len(targets)
 
 
@@ -106,5 +108,38 @@ def pack_if_supported(model: nn.Module) -> int:
     return pack_linears(model) if can_pack(model) else 0
 
 
+class PackedExperts(nn.Module):
+    """A MoE layer's stacked expert weights (E, O, I), each expert's matrix packed on its own. Indexing gives
+    expert e's packed matrix, so the MoE's grouped dispatch (one matmul chain per expert over its block of
+    tokens) runs unchanged with `packed_linear` in place of F.linear."""
+
+    def __init__(self, stacked: Tensor) -> None:
+        super().__init__()
+        if not packable_dtype(stacked.dtype):
+            raise ValueError(f"oneDNN cannot pack {stacked.dtype} weights on this CPU")
+        self.shape = tuple(stacked.shape)
+        self.experts = [torch.ops.mkldnn._reorder_linear_weight(w.detach()) for w in stacked]
+
+    def __getitem__(self, e: int) -> Tensor:
+        return self.experts[e]
+
+
+@torch.no_grad()
+def pack_experts(model: nn.Module) -> int:
+    """Pack the expert weights of every MoE layer (their gate/up/down stacks); returns how many layers. The fp32
+    stacks are replaced, so a packed model holds each weight once."""
+    from .moe import MoE
+
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for moe in layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if getattr(moe, name) is not None:
+                packed = PackedExperts(getattr(moe, name))
+                delattr(moe, name)
+                setattr(moe, name, packed)
+        moe.linear = packed_linear
+    return len(layers)
+
+
 def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedLinear) for m in model.modules())
+    return any(isinstance(m, (PackedLinear, PackedExperts)) for m in model.modules())

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -37,17 +39,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _speed_up(model, settings: Settings) -> None:
-    """Pack and compile as the settings ask; a failed compile leaves the eager path serving."""
+def missing_compiler(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here, or None. On CPU inductor builds C++ kernels, so it needs a C++
+    compiler ($CXX, g++ or c++); on CUDA it builds Triton kernels, which brings its own."""
+    if device.type != "cpu":
+        return None
+    names = [os.environ.get("CXX") or "g++", "c++"]
+    return None if any(shutil.which(n) for n in names) else f"no C++ compiler ({' / '.join(names)}) on PATH"
+
+
+def _speed_up(model, settings: Settings, metrics: Metrics) -> None:
+    """Pack and compile as the settings ask. Compiling is the default where it can work; where it cannot, or
+    fails, the packed eager path serves, after one warning."""
     if settings.pack_weights and can_pack(model):
         log.info("packed %d Linear layers for oneDNN", pack_linears(model))
-    if settings.compile:
+    compiled = False
+    if settings.compile and (why := missing_compiler(model.embeddings.weight.device)):
+        log.warning("not compiling: %s; serving the eager path (install g++, or pass --no-compile)", why)
+    elif settings.compile:
         t0 = time.perf_counter()
         try:
-            model.compile_inference()
+            model.compile_inference()  # warms up too: /health turns 200 only after this
+            compiled = True
             log.info("compiled the decode step and the prefill scan in %.1f s", time.perf_counter() - t0)
         except Exception as e:  # an optimisation: serve eagerly rather than not at all
             log.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, str(e)[:300])
+    metrics.compiled.set(int(compiled))
 
 
 DEFAULT_CONTEXT_CAP = 32768  # tokens: the default context of a model with attention layers, at most
@@ -115,7 +132,7 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     if tokenizer is None:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
     total, active = model.num_parameters()  # before packing, which moves weights out of the parameters
-    _speed_up(model, settings)
+    _speed_up(model, settings, metrics)
     cfg = core_config(settings, model)
     engine = Engine(model, tokenizer, cfg, settings.max_queue, metrics).start()
     _log_state_layout(model, cfg, metrics)

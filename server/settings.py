@@ -62,7 +62,9 @@ class Settings(BaseSettings):
         True, description="CPU: pack Linear weights in oneDNN's layout at load (about 2x faster decode; off: F.linear)"
     )
     compile: bool = Field(
-        False, description="torch.compile the decode step and prefill scan at startup (needs a C++ compiler on CPU)"
+        True,
+        description="torch.compile the decode step and prefill scan at startup, before /health turns 200 (on CPU "
+        "only when a C++ compiler is present; otherwise, or if compiling fails, the eager path serves)",
     )
     log_prompts: bool = Field(False, description="log prompt and output text (off: only sizes are logged)")
     log_level: str = Field("info", description="debug, info, warning or error")

@@ -123,7 +123,7 @@ class DockerEngine:
 def stand_in_python_image(engine: DockerEngine, cache: Path) -> None:
     """Import a debootstrapped Debian with Python 3 and pip as `python:3.11-slim`. The rootfs is cached
     between runs; the CA bundle copied in is always the current host's."""
-    rootfs = cache / "rootfs"
+    rootfs = cache / "rootfs-dev"  # named for its package set: a cache made with another set is not reused
     if not (rootfs / ".complete").exists():
         mirror, suite = debian_mirror()
         shutil.rmtree(rootfs, ignore_errors=True)
@@ -132,7 +132,8 @@ def stand_in_python_image(engine: DockerEngine, cache: Path) -> None:
             [
                 "debootstrap",
                 "--variant=minbase",
-                "--include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates",
+                # python3-dev: the official image has Python's headers, which torch.compile's C++ kernels include
+                "--include=python3,python3-dev,python3-pip,python3-venv,python-is-python3,ca-certificates",
                 suite,
                 str(rootfs),
                 mirror,

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -61,7 +62,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(engine: DockerEngine, container: str, timeout: float = 300) -> None:
+def _wait_healthy(engine: DockerEngine, container: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     status = "?"
     while time.time() < deadline:
@@ -146,6 +147,8 @@ def test_build_and_serve_the_real_image(tmp_path_factory):
         assert sdk.choices[0].message.content == reply["choices"][0]["message"]["content"]  # greedy: same text
         user = engine.docker("exec", container, "id", "-u").stdout.strip()
         assert user == "1000"
+        metrics = httpx.get(url + "/metrics", timeout=10).text  # the image serves the compiled fast path
+        assert "aetheris_compiled 1.0" in metrics, engine.docker("logs", container).stderr[-3000:]
     finally:
         index.kill()
         subprocess.run(["docker", "-H", engine.host, "rm", "-f", container], capture_output=True)

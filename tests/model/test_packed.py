@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from model.checkpoint import save_checkpoint
-from model.packed import NO_BF16_ENV, PackedLinear, can_pack, pack_if_supported, pack_linears, packable_dtype
+from model.packed import (
+    NO_BF16_ENV,
+    PackedExperts,
+    PackedLinear,
+    can_pack,
+    pack_if_supported,
+    pack_linears,
+    packable_dtype,
+)
 from tests.helpers import LAYOUTS, assert_states_close, tiny
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -83,6 +91,7 @@ def test_packed_model_equals_unpacked(layout):
     if cfg.layers[0].mixer == "mamba":
         assert isinstance(model.layers[0].mixer.dt_proj, torch.nn.Linear)
     assert torch.equal(model.embeddings.weight, ref.embeddings.weight)  # a tied head is packed as a copy
+    assert all(isinstance(m.up_proj, PackedExperts) for m in model.moe_layers().values())  # experts too
     tokens = torch.randint(0, 97, (2, 9))
     want, want_state = ref.prefill(tokens, ref.empty_state(2), all_logits=True)
     got, state = model.prefill(tokens, model.empty_state(2), all_logits=True)
