@@ -19,7 +19,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 def _token_str(value) -> str | None:
