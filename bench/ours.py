@@ -14,16 +14,17 @@ from server.types import GenerationRequest, SamplingParams
 
 
 def decode_tokens_per_s(
-    model: HybridLM, tok: Tokenizer, batch: int, new_tokens: int = 128, prompt_len: int = 16
+    model: HybridLM, tok: Tokenizer, batch: int, new_tokens: int = 128, prompt_len: int = 16, grammar=None
 ) -> float:
-    """B greedy sequences of `new_tokens` after a short prompt; only iterations where all B decode count."""
+    """B greedy sequences of `new_tokens` after a short prompt (each under `grammar` when given, a compiled
+    server.grammar spec); only iterations where all B decode count."""
     core = EngineCore(
         model, tok, CoreConfig(max_batch_size=batch, prefill_budget=batch * prompt_len, state_cache_bytes=0)
     )
     done = []
     for i in range(batch):
         prompt = [(7 * i + j) % min(tok.vocab_size, model.config.vocab_size) for j in range(prompt_len)]
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, grammar=grammar)
         core.add(GenerationRequest(f"b{i}", prompt, params), lambda out: out.finished and done.append(out))
     while len(core.running) < batch:
         core.step()

@@ -13,42 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from aetheris.defaults import DEFAULT_MODEL_DIR
+from bench import ours
 from bench.weights import mamba_130m
 from model.checkpoint import load_model
 from model.packed import can_pack, pack_linears
-from server.core import CoreConfig, EngineCore
 from server.grammar import GrammarCompiler, GrammarSpec
-from server.types import GenerationRequest, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}}, "required": ["story"]}
-
-
-def decode_rate(model, tok, batch: int, grammar, new_tokens: int, prompt_len: int = 16) -> float:
-    """Tokens/s over the iterations where all `batch` sequences decode (as bench/ours.py counts them)."""
-    core = EngineCore(
-        model, tok, CoreConfig(max_batch_size=batch, prefill_budget=batch * prompt_len, state_cache_bytes=0)
-    )
-    for i in range(batch):
-        prompt = [(7 * i + j) % min(tok.vocab_size, model.config.vocab_size) for j in range(prompt_len)]
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, grammar=grammar)
-        core.add(GenerationRequest(f"b{i}", prompt, params), lambda out: None)
-    while len(core.running) < batch:
-        core.step()
-    tokens, t0 = 0, time.perf_counter()
-    while len(core.running) == batch:
-        core.step()
-        tokens += batch
-    seconds = time.perf_counter() - t0
-    while core.has_work():
-        core.step()
-    return tokens / seconds
 
 
 def measure(name: str, path: Path, repeats: int, new_tokens: int) -> list[dict]:
@@ -58,11 +35,11 @@ def measure(name: str, path: Path, repeats: int, new_tokens: int) -> list[dict]:
     grammar = GrammarCompiler(tok).compile(GrammarSpec("json_schema", json.dumps(SCHEMA)))
     rows = []
     for batch in (1, 8):
-        decode_rate(model, tok, batch, grammar, 16)  # warm-up
+        ours.decode_tokens_per_s(model, tok, batch, 16, grammar=grammar)  # warm-up
         plain, constrained = [], []
         for _ in range(repeats):
-            plain.append(decode_rate(model, tok, batch, None, new_tokens))
-            constrained.append(decode_rate(model, tok, batch, grammar, new_tokens))
+            plain.append(ours.decode_tokens_per_s(model, tok, batch, new_tokens))
+            constrained.append(ours.decode_tokens_per_s(model, tok, batch, new_tokens, grammar=grammar))
         p, c = statistics.median(plain), statistics.median(constrained)
         rows.append({"model": name, "batch": batch, "plain": p, "json_schema": c, "ratio": c / p})
         print(f"{name:>16} batch {batch}: {p:8.1f} tok/s plain, {c:8.1f} with a JSON schema ({c / p:.1%})")  # noqa: T201
