@@ -48,7 +48,9 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.compiled = Gauge(p + "compiled", "1 when the torch.compile'd decode step and prefill scan serve", registry=r)
+        self.compiled = Gauge(
+            p + "compiled", "1 when the torch.compile'd decode step and prefill scan serve", registry=r
+        )
         self.max_model_len = Gauge(p + "max_model_len", "Context limit in tokens (0 = unlimited)", registry=r)
         self.kv_blocks_total = Gauge(p + "kv_blocks_total", "Paged K/V blocks preallocated", registry=r)
         self.kv_blocks_used = Gauge(p + "kv_blocks_used", "Paged K/V blocks held by running sequences", registry=r)

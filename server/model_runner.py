@@ -38,8 +38,8 @@ class ModelRunner:
     def _restore_pinned(self, store: SnapshotStore) -> None:
         """Load the pinned snapshots an earlier run saved, then save each new one as it is made."""
         snaps = store.load()
-        for snap in snaps:
-            self.cache.put(list(snap.tokens), snap.state, snap.last_logits, pinned=True)
+        for tokens, state, logits in snaps:
+            self.cache.put(list(tokens), state, logits, pinned=True)
         self.cache.on_pin = store.save
         log.info("state cache: %d pinned snapshots restored from %s", len(snaps), store.dir)
 
@@ -53,8 +53,8 @@ class ModelRunner:
         prompt position's logits, which a snapshot does not keep, so those requests start from scratch."""
         snap = None if r.req.params.prompt_logprobs else self.cache.lookup(r.req.prompt_ids)
         if snap is not None:
-            r.state, r.last_logits = snap.state, snap.last_logits
-            r.computed = r.cached = len(snap.tokens)
+            r.state, r.last_logits, r.snapshot = snap.state, snap.last_logits, snap
+            r.computed = r.cached = snap.length
         else:
             r.state = self.model.empty_state(1, self.device)
         if self.metrics is not None:
@@ -87,7 +87,8 @@ class ModelRunner:
         """Keep the state after the prompt computed so far (unless it came whole from the cache)."""
         if r.cached < r.computed:
             tokens = r.req.prompt_ids[: r.computed]
-            self.cache.put(tokens, r.state, r.last_logits, pinned=r.computed <= r.req.pinned_prefix)
+            pinned = r.computed <= r.req.pinned_prefix
+            r.snapshot = self.cache.put(tokens, r.state, r.last_logits, pinned, hint=r.snapshot) or r.snapshot
 
     def decode(self) -> tuple[list[Sequence], Tensor]:
         """ONE batched step over every running sequence, in place on the pool's rows: (seqs, logits (B, V))."""

@@ -8,8 +8,10 @@ chat turn), the ends of chat messages inside a prompt (a shared system prompt, a
 every --snapshot-interval tokens of a long prefill (a branch in the middle of a turn). A hybrid's snapshot
 holds the fixed state and K/V only up to its own length.
 
-The tree compresses runs of tokens into edges, so a lookup or an insert walks at most P tokens (tuple
-compares, not per-token Python work): O(P) per request on the engine thread. A new prompt resumes from the
+The tree compresses runs of tokens into edges, so a lookup walks at most P tokens (tuple compares, not
+per-token Python work), and a request's successive snapshots each continue from the node of the one before
+(`hint`): O(P) per request on the engine thread, however many snapshots its prompt makes. A snapshot keeps no
+copy of its tokens; its node's path from the root spells them. A new prompt resumes from the
 deepest snapshot on its path, whichever request made it. Memory is bounded in bytes; eviction takes the
 least recently used snapshot among the leaves (snapshots with none below them) first, since an inner
 snapshot serves every branch under it. Pinned snapshots (system prompts, when persisted) go last.
@@ -25,21 +27,35 @@ from torch import Tensor
 from model import ModelState
 
 
-@dataclass
+@dataclass(eq=False)
+class _Node:
+    edge: tuple[int, ...] = ()  # the tokens from the parent to this node
+    parent: _Node | None = None  # None for the root, and for a node no longer in the tree
+    depth: int = 0  # tokens from the root to here (splits and merges keep it)
+    children: dict[int, _Node] = field(default_factory=dict)  # first token of the child's edge -> child
+    snap: Snapshot | None = None
+
+
+@dataclass(eq=False)
 class Snapshot:
-    tokens: tuple[int, ...]  # the exact prefix this state summarises
+    node: _Node  # where it sits in the tree: the path from the root spells its tokens
     state: ModelState  # one row, exact length
     last_logits: Tensor  # (V,) logits after the last token, so a full hit needs no recompute
     nbytes: int
     pinned: bool = False
 
+    @property
+    def length(self) -> int:
+        return self.node.depth
 
-@dataclass(eq=False)
-class _Node:
-    edge: tuple[int, ...] = ()  # the tokens from the parent to this node
-    parent: _Node | None = None
-    children: dict[int, _Node] = field(default_factory=dict)  # first token of the child's edge -> child
-    snap: Snapshot | None = None
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The exact prefix this state summarises (O(P): for persisting and tests, not the hot path)."""
+        edges, node = [], self.node
+        while node.parent is not None:
+            edges.append(node.edge)
+            node = node.parent
+        return tuple(t for edge in reversed(edges) for t in edge)
 
 
 class PrefixCache:
@@ -56,26 +72,28 @@ class PrefixCache:
         return len(self.lru)
 
     # ---------------------------------------------------------------- lookup
-    def _walk(self, tokens: list[int] | tuple[int, ...]) -> tuple[_Node, int, _Node | None, int]:
-        """Follow `tokens` from the root: (last node reached exactly, tokens matched to it, the deepest node
-        on the way holding a snapshot, its depth)."""
-        node, depth, best, best_depth = self.root, 0, None, 0
+    def _walk(self, tokens: list[int], node: _Node | None = None) -> tuple[_Node, _Node | None]:
+        """Follow `tokens` from `node` (default: the root; else a node whose path `tokens` starts with): (last node
+        reached exactly, the deepest node on the way holding a snapshot)."""
+        node = node or self.root
+        depth, best = node.depth, node if node.snap is not None else None
         while depth < len(tokens):
             child = node.children.get(tokens[depth])
             if child is None or tuple(tokens[depth : depth + len(child.edge)]) != child.edge:
                 break
             node, depth = child, depth + len(child.edge)
             if node.snap is not None:
-                best, best_depth = node, depth
-        return node, depth, best, best_depth
+                best = node
+        return node, best
 
     def match_length(self, tokens: list[int]) -> int:
         """How many leading tokens a lookup would restore (no statistics, no LRU touch)."""
-        return self._walk(tokens)[3]
+        best = self._walk(tokens)[1]
+        return 0 if best is None else best.depth
 
     def lookup(self, tokens: list[int]) -> Snapshot | None:
         """The deepest snapshot whose tokens the prompt starts with (it may be all of them)."""
-        _, _, best, _ = self._walk(tokens)
+        best = self._walk(tokens)[1]
         if best is None:
             self.misses += 1
             return None
@@ -84,48 +102,62 @@ class PrefixCache:
         return best.snap
 
     # ---------------------------------------------------------------- insert
-    def put(self, tokens: list[int], state: ModelState, last_logits: Tensor, pinned: bool = False) -> bool:
-        """Keep a copy of a one-row `state` summarising `tokens`; False when it does not fit the budget."""
+    def put(
+        self,
+        tokens: list[int],
+        state: ModelState,
+        last_logits: Tensor,
+        pinned: bool = False,
+        hint: Snapshot | None = None,
+    ) -> Snapshot | None:
+        """Keep a copy of a one-row `state` summarising `tokens`; returns the snapshot (None when it does not
+        fit the budget). `hint`, an earlier snapshot of a prefix of `tokens` (the same request's last one),
+        lets the insert walk only the tokens after it."""
         if not tokens or self.budget <= 0:
-            return False
-        node = self._insert(tuple(tokens))
+            return None
+        start = hint.node if hint is not None and self._attached(hint.node) else self.root
+        node = self._insert(tokens, start)
         if node.snap is not None:
             node.snap.pinned |= pinned
             self.lru.move_to_end(node)
-            return True
+            return node.snap
         snap_state = state.trimmed(len(tokens))  # a copy; K/V only up to the prefix's length
         nbytes = snap_state.nbytes() + last_logits.numel() * last_logits.element_size() + 8 * len(tokens)
         if nbytes > self.budget:
             self._prune(node)
-            return False
-        node.snap = Snapshot(tuple(tokens), snap_state, last_logits.clone(), nbytes, pinned)
+            return None
+        node.snap = snap = Snapshot(node, snap_state, last_logits.clone(), nbytes, pinned)
         self.lru[node] = None
         self.bytes += nbytes
         if pinned and self.on_pin is not None:
-            self.on_pin(node.snap)
+            self.on_pin(snap)
         while self.bytes > self.budget:
             self._evict_one(keep=node)
-        return node.snap is not None
+        return snap if node.snap is snap else None
 
-    def _insert(self, tokens: tuple[int, ...]) -> _Node:
-        """The node for exactly `tokens`, made by extending or splitting edges."""
-        node, depth, _, _ = self._walk(tokens)
+    def _attached(self, node: _Node) -> bool:
+        while node.parent is not None:
+            node = node.parent
+        return node is self.root
+
+    def _insert(self, tokens: list[int], start: _Node) -> _Node:
+        """The node for exactly `tokens`, made by extending or splitting edges below `start`."""
+        node, _ = self._walk(tokens, start)
+        depth = node.depth
         if depth == len(tokens):
             return node
         child = node.children.get(tokens[depth])
         if child is not None:  # the edge diverges (or `tokens` ends) inside it: split it where they part
-            common = 0
-            rest = tokens[depth:]
-            while common < min(len(child.edge), len(rest)) and child.edge[common] == rest[common]:
-                common += 1
-            mid = _Node(child.edge[:common], node)
+            rest = tokens[depth : depth + len(child.edge)]
+            common = next((i for i, (a, b) in enumerate(zip(child.edge, rest)) if a != b), len(rest))
+            mid = _Node(child.edge[:common], node, depth + common)
             node.children[tokens[depth]] = mid
             child.edge, child.parent = child.edge[common:], mid
             mid.children[child.edge[0]] = child
             node, depth = mid, depth + common
             if depth == len(tokens):
                 return node
-        leaf = _Node(tokens[depth:], node)
+        leaf = _Node(tuple(tokens[depth:]), node, len(tokens))
         node.children[tokens[depth]] = leaf
         return leaf
 
@@ -149,6 +181,7 @@ class PrefixCache:
         """Remove snapshot-less leaves upwards, and merge a snapshot-less node with its only child."""
         while node is not self.root and node.snap is None and len(node.children) <= 1:
             parent = node.parent
+            node.parent = None  # out of the tree: a hint pointing here is stale
             if node.children:  # one child: it takes this node's place, its edge extended
                 (child,) = node.children.values()
                 child.edge, child.parent = node.edge + child.edge, parent

@@ -17,7 +17,7 @@ from torch import Tensor
 from model import ModelState
 from model.tokenizer import Tokenizer
 
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, Snapshot
 from .sequence import Sequence
 from .state_pool import StatePool
 from .types import GenerationRequest, RequestOutput, TokenLogprob
@@ -41,6 +41,7 @@ class RequestState:
     first_token_at: float | None = None
     points: set[int] = field(default_factory=set)  # prompt positions to snapshot at (besides the interval)
     follow: tuple[RequestState, int] | None = None  # (leader, n): wait until the leader has computed n tokens
+    snapshot: Snapshot | None = None  # the last snapshot of this prompt made or restored: the next insert's start
 
     def __post_init__(self) -> None:
         self.points.update(p for p in self.req.snapshot_at if 0 < p < len(self.req.prompt_ids))

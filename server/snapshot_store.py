@@ -60,8 +60,8 @@ class SnapshotStore:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
 
-    def load(self) -> list[Snapshot]:
-        """Every valid snapshot of this model in the directory."""
+    def load(self) -> list[tuple[tuple[int, ...], ModelState, torch.Tensor]]:
+        """(tokens, one-row state, logits after them) of every valid snapshot of this model in the directory."""
         out = []
         for path in sorted(self.dir.glob("*.safetensors")):
             try:
@@ -70,7 +70,7 @@ class SnapshotStore:
                 log.warning("state cache: skipping %s (%s)", path.name, e)
         return out
 
-    def _read(self, path: Path) -> Snapshot:
+    def _read(self, path: Path) -> tuple[tuple[int, ...], ModelState, torch.Tensor]:
         device = self.model.embeddings.weight.device
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -93,5 +93,4 @@ class SnapshotStore:
                     layer[name] = t.to(device)
                 layers.append(layer)
             logits = f.get_tensor("last_logits").to(device)
-        state = ModelState(empty.specs, layers)
-        return Snapshot(tokens, state, logits, 0, pinned=True)
+        return tokens, ModelState(empty.specs, layers), logits

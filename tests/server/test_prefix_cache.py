@@ -104,3 +104,27 @@ def test_inner_snapshot_outlives_its_leaves_and_the_tree_is_pruned():
     assert set(cache.root.children) == {1}
     node = cache.root.children[1]
     assert node.edge == (1, 2) and set(node.children) == {5}  # the evicted branch is gone from the tree
+
+
+def test_random_inserts_evictions_and_hints_agree_with_brute_force():
+    """Random prompts over a 3-token alphabet (so edges split and merge all the time), each inserted as a chain
+    of snapshots with hints, under a budget that evicts: every lookup equals the longest stored prefix."""
+    import random
+
+    model = HybridLM(tiny_config())
+    state = _state(model, 1.0)
+    rng = random.Random(0)
+    size = _snapshot_bytes(model, 1) - 8  # bytes of a snapshot besides its 8 bytes per token
+    for trial in range(30):
+        cache = PrefixCache(budget_bytes=12 * size + 8 * 200)
+        for _ in range(25):
+            prompt = [rng.randrange(3) for _ in range(rng.randrange(1, 20))]
+            hint = None
+            for end in sorted(rng.sample(range(1, len(prompt) + 1), k=min(3, len(prompt)))):
+                hint = cache.put(prompt[:end], state, torch.zeros(10), hint=hint) or hint
+            stored = {n.snap.tokens for n in cache.lru}
+            query = [rng.randrange(3) for _ in range(rng.randrange(1, 20))]
+            want = max((len(s) for s in stored if tuple(query[: len(s)]) == s), default=0)
+            assert cache.match_length(query) == want, (trial, query)
+            assert cache.bytes == sum(n.snap.nbytes for n in cache.lru) <= cache.budget
+        assert cache.evictions > 0
