@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .types import DEFAULT_MAX_TOKENS, SamplingParams
 
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_N = 16
@@ -97,6 +99,8 @@ class SamplingFields(OpenAIModel):
     @field_validator("logit_bias")
     @classmethod
     def _check_bias(cls, v):
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries (got {len(v)})")
         for key in v or {}:
             if not key.lstrip("-").isdigit() or int(key) < 0:
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")

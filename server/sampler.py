@@ -35,7 +35,9 @@ def token_logprobs(logits: Tensor, targets: list[int], k: int) -> list[TokenLogp
 
 
 def sampling_batch(seqs: list[Sequence], logits: Tensor) -> SamplingBatch:
-    """Each sequence's parameters as one row of a SamplingBatch; logits (B, V) give device and vocab."""
+    """Each sequence's parameters as one row of a SamplingBatch; logits (B, V) give device and vocab. A row's
+    logit bias and token counts are tensors its sequence keeps, so a step costs one scatter and one stack
+    whatever the request's bias size or output length."""
     dev, vocab = logits.device, logits.shape[-1]
     ps = [s.params for s in seqs]
     batch = SamplingBatch(
@@ -45,20 +47,43 @@ def sampling_batch(seqs: list[Sequence], logits: Tensor) -> SamplingBatch:
         generators=[s.generator for s in seqs],
     )
     if any(p.logit_bias for p in ps):
-        batch.logit_bias = torch.zeros_like(logits)
-        for i, p in enumerate(ps):
-            for tok, bias in p.logit_bias.items():
-                if tok < vocab:
-                    batch.logit_bias[i, tok] = bias
+        batch.logit_bias = _bias_rows(seqs, logits)
     if any(p.needs_penalties for p in ps):
-        batch.token_counts = torch.zeros_like(logits)
-        for i, s in enumerate(seqs):
-            if s.output_ids:
-                ids = torch.tensor(s.output_ids, device=dev)
-                batch.token_counts[i].index_add_(0, ids, torch.ones(len(ids), device=dev))
+        batch.token_counts = torch.stack([_counts(s, vocab, dev) for s in seqs])  # (B, V)
         batch.presence_penalty = torch.tensor([p.presence_penalty for p in ps], device=dev)
         batch.frequency_penalty = torch.tensor([p.frequency_penalty for p in ps], device=dev)
     return batch
+
+
+def _bias_rows(seqs: list[Sequence], logits: Tensor) -> Tensor:
+    """(B, V) additive bias: each row's (ids, values), built once per sequence, scattered in one call."""
+    vocab = logits.shape[-1]
+    rows, ids, vals = [], [], []
+    for i, s in enumerate(seqs):
+        if s.params.logit_bias and s.bias is None:
+            kept = {t: b for t, b in s.params.logit_bias.items() if t < vocab}
+            s.bias = (
+                torch.tensor(list(kept), device=logits.device, dtype=torch.long),
+                torch.tensor(list(kept.values())),
+            )
+        if s.bias is not None:
+            rows.append(torch.full_like(s.bias[0], i))
+            ids.append(s.bias[0])
+            vals.append(s.bias[1])
+    bias = torch.zeros_like(logits)
+    bias[torch.cat(rows), torch.cat(ids)] = torch.cat(vals).to(bias)
+    return bias
+
+
+def _counts(s: Sequence, vocab: int, device) -> Tensor:
+    """The sequence's generated-token counts (V,), counted from its output once, then kept up to date by
+    Sequence.append."""
+    if s.counts is None:
+        s.counts = torch.zeros(vocab, device=device)
+        if s.output_ids:
+            ids = torch.tensor(s.output_ids, device=device)
+            s.counts.index_add_(0, ids, torch.ones(len(ids), device=device))
+    return s.counts
 
 
 def sample_next(seqs: list[Sequence], logits: Tensor) -> Sampled:

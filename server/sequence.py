@@ -41,6 +41,10 @@ class Sequence:
     pending: str = ""  # decoded text not yet released (a stop string may be forming)
     finish_reason: str | None = None
     grammar: GrammarMatcher | None = None  # where this choice is in its request's grammar, if it has one
+    # Built by the sampler the first time it needs them, then kept: the logit bias as (ids, values) tensors,
+    # and, for presence / frequency penalties, how often each token was generated (V,), counted as they come.
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    counts: torch.Tensor | None = None
 
     @classmethod
     def create(
@@ -68,6 +72,8 @@ class Sequence:
         """Record a sampled token and return what the client may see now."""
         delta = ChoiceDelta(self.index)
         self.output_ids.append(token_id)
+        if self.counts is not None:
+            self.counts[token_id] += 1
         if token_id in self.stop_ids:  # a stop token ends the choice and is not shown
             self.pending += self.detok.flush()
             self.finish_reason = "stop"

@@ -20,6 +20,7 @@ MSG = [{"role": "user", "content": "x"}]
         {"logit_bias": {"x": 1}},
         {"logit_bias": {"-1": 1}},
         {"logit_bias": {"5": 101}},
+        {"logit_bias": {str(i): 1.0 for i in range(301)}},  # OpenAI's limit is 300 entries
         {"temperature": 2.5},
         {"top_p": 0},
         {"n": 0},
