@@ -16,7 +16,7 @@ def load(path, dtype: torch.dtype):
 
 @torch.inference_mode()
 def decode_tokens_per_s(model, batch: int, new_tokens: int = 128, prompt_len: int = 16) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0)
     t = time.perf_counter()
     model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
@@ -29,8 +29,8 @@ def decode_tokens_per_s(model, batch: int, new_tokens: int = 128, prompt_len: in
 
 @torch.inference_mode()
 def prefill_tokens_per_s(model, length: int) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=model.device)
     model(ids[:, :32], use_cache=True)
     t = time.perf_counter()
-    model(ids, use_cache=True)
+    model(ids, use_cache=True).logits[0, -1].cpu()  # waits for the device to finish (CUDA runs asynchronously)
     return length / (time.perf_counter() - t)

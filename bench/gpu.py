@@ -1,0 +1,64 @@
+"""Ours vs transformers on a CUDA GPU (bench/gpu_check.sh runs it): python -m bench.gpu --out DIR
+
+The random mamba-130m-size model of bench/run.py, in bf16 (the server's default on CUDA) and fp32: decode
+tokens/s at batch 1 / 8 / 32 through our engine core (compiled, as served) and transformers' generate, and
+prefill tokens/s at 512 and 2,048 tokens. Writes DIR/gpu.md and DIR/gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from aetheris.defaults import DEFAULT_MODEL_DIR
+from bench import hf as hf_bench
+from bench import ours
+from bench.common import machine_line
+from bench.weights import mamba_130m
+from model.checkpoint import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "gpu-check-results")
+    p.add_argument("--tokens", type=int, default=128)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = mamba_130m(ROOT / "bench" / "work" / "mamba-130m-random", tokenizer_dir=DEFAULT_MODEL_DIR)
+    results = {"machine": machine_line(), "gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        model, tok = load_model(path, "cuda", dtype)
+        model.compile_inference()
+        ref = hf_bench.load(path, dtype).to("cuda")
+        name = str(dtype).split(".")[1]
+        for b in (1, 8, 32):
+            rows.append((name, f"decode batch {b}", ours.decode_tokens_per_s(model, tok, b, args.tokens),
+                         hf_bench.decode_tokens_per_s(ref, b, args.tokens)))  # fmt: skip
+        for n in (512, 2048):
+            rows.append(
+                (name, f"prefill {n}", ours.prefill_tokens_per_s(model, n), hf_bench.prefill_tokens_per_s(ref, n))
+            )
+        del model, ref
+        torch.cuda.empty_cache()
+    results["rows"] = rows
+    lines = [
+        f"# GPU: {results['gpu']}, {results['date']}",
+        "",
+        "| dtype | measure | ours tok/s | transformers tok/s | ratio |",
+        "|---|---|---:|---:|---:|",
+        *(f"| {d} | {m} | {a:.1f} | {b:.1f} | {a / b:.2f}x |" for d, m, a, b in rows),
+    ]
+    (args.out / "gpu.md").write_text("\n".join(lines) + "\n")
+    (args.out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
