@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -42,7 +43,7 @@ def usage_info(u: Usage) -> UsageInfo:
 
 def _chat_logprobs(serving: Serving, lps: list[TokenLogprob]) -> ChoiceLogprobs:
     def top(tok: int, lp: float) -> TopLogprob:
-        return TopLogprob(token=serving.token_text(tok), logprob=lp, bytes=list(serving.tokenizer.token_bytes(tok)))
+        return TopLogprob(token=serving.token_text(tok), logprob=lp, bytes=serving.token_bytes(tok))
 
     return ChoiceLogprobs(
         content=[
@@ -88,13 +89,14 @@ def build_request(serving: Serving, body: ChatCompletionRequest) -> GenerationRe
 
 
 async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, request: Request):
-    req = build_request(serving, body)
+    req = await asyncio.to_thread(build_request, serving, body)  # a long prompt's template and tokens
+    req.tenant = serving.tenant(request.headers)
     serving.log_request(req, body.messages)
     outputs = await serving.start(req)  # raises 503 before any byte is sent when overloaded
     abort = lambda: serving.engine.abort(req.request_id)  # noqa: E731
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(req, body, outputs, serving, include_usage), abort)
+        return sse_response(_stream(req, body, outputs, serving, include_usage), abort, serving.settings.send_timeout)
     return await until_disconnect(request, _collect(req, body, outputs, serving), abort)
 
 
@@ -109,6 +111,12 @@ async def _collect(req: GenerationRequest, body: ChatCompletionRequest, outputs:
             finish[d.index] = d.finish_reason or finish[d.index]
         usage = out.usage or usage
     serving.log_done(req, usage, texts)
+    return await asyncio.to_thread(_completion, req, body, serving, (texts, finish, lps), usage)
+
+
+def _completion(req: GenerationRequest, body: ChatCompletionRequest, serving: Serving, got, usage) -> ChatCompletion:
+    """The response, logprobs rendered (off the event loop: a long reply's logprobs are many objects)."""
+    texts, finish, lps = got
     choices = [
         ChatChoice(
             index=i,
@@ -116,7 +124,7 @@ async def _collect(req: GenerationRequest, body: ChatCompletionRequest, outputs:
             finish_reason=finish[i],
             logprobs=_chat_logprobs(serving, lps[i]) if body.logprobs else None,
         )
-        for i in range(n)
+        for i in range(req.params.n)
     ]
     return ChatCompletion(
         id=req.request_id, created=now(), model=serving.model_name, choices=choices, usage=usage_info(usage)

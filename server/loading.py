@@ -117,7 +117,9 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     total, active = model.num_parameters()  # before packing, which moves weights out of the parameters
     _speed_up(model, settings)
     cfg = core_config(settings, model)
-    engine = Engine(model, tokenizer, cfg, settings.max_queue, metrics).start()
+    engine = Engine(
+        model, tokenizer, cfg, settings.max_queue, metrics, settings.max_queue_tokens, settings.send_timeout
+    ).start()
     _log_state_layout(model, cfg, metrics)
     log.info(
         "serving %s as '%s' on %s (%s): %.1fM parameters, %.1fM active",

@@ -13,6 +13,9 @@ compares, not per-token Python work): O(P) per request on the engine thread. A n
 deepest snapshot on its path, whichever request made it. Memory is bounded in bytes; eviction takes the
 least recently used snapshot among the leaves (snapshots with none below them) first, since an inner
 snapshot serves every branch under it. Pinned snapshots (system prompts, when persisted) go last.
+
+With --cache-isolation each tenant has a tree of its own (`ns`, a namespace), all under one byte budget: a
+prompt can only resume from snapshots its own tenant made, so `cached_tokens` tells nothing about others.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class PrefixCache:
     def __init__(self, budget_bytes: int, on_pin=None) -> None:
         self.budget = budget_bytes
         self.on_pin = on_pin  # called with each newly pinned snapshot (SnapshotStore.save persists it)
-        self.root = _Node()
+        self.root = _Node()  # the shared namespace ""
+        self.roots: dict[str, _Node] = {"": self.root}
         self.lru: OrderedDict[_Node, None] = OrderedDict()  # nodes holding a snapshot, least recent first
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
@@ -56,10 +60,14 @@ class PrefixCache:
         return len(self.lru)
 
     # ---------------------------------------------------------------- lookup
-    def _walk(self, tokens: list[int] | tuple[int, ...]) -> tuple[_Node, int, _Node | None, int]:
-        """Follow `tokens` from the root: (last node reached exactly, tokens matched to it, the deepest node
-        on the way holding a snapshot, its depth)."""
-        node, depth, best, best_depth = self.root, 0, None, 0
+    def _walk(self, tokens: list[int] | tuple[int, ...], ns: str = "") -> tuple[_Node, int, _Node | None, int]:
+        """Follow `tokens` from the namespace's root: (last node reached exactly, tokens matched to it, the
+        deepest node on the way holding a snapshot, its depth)."""
+        return self._walk_from(self.roots.get(ns) or _Node(), tokens)
+
+    @staticmethod
+    def _walk_from(root: _Node, tokens) -> tuple[_Node, int, _Node | None, int]:
+        node, depth, best, best_depth = root, 0, None, 0
         while depth < len(tokens):
             child = node.children.get(tokens[depth])
             if child is None or tuple(tokens[depth : depth + len(child.edge)]) != child.edge:
@@ -69,13 +77,13 @@ class PrefixCache:
                 best, best_depth = node, depth
         return node, depth, best, best_depth
 
-    def match_length(self, tokens: list[int]) -> int:
+    def match_length(self, tokens: list[int], ns: str = "") -> int:
         """How many leading tokens a lookup would restore (no statistics, no LRU touch)."""
-        return self._walk(tokens)[3]
+        return self._walk(tokens, ns)[3]
 
-    def lookup(self, tokens: list[int]) -> Snapshot | None:
+    def lookup(self, tokens: list[int], ns: str = "") -> Snapshot | None:
         """The deepest snapshot whose tokens the prompt starts with (it may be all of them)."""
-        _, _, best, _ = self._walk(tokens)
+        _, _, best, _ = self._walk(tokens, ns)
         if best is None:
             self.misses += 1
             return None
@@ -84,11 +92,15 @@ class PrefixCache:
         return best.snap
 
     # ---------------------------------------------------------------- insert
-    def put(self, tokens: list[int], state: ModelState, last_logits: Tensor, pinned: bool = False) -> bool:
-        """Keep a copy of a one-row `state` summarising `tokens`; False when it does not fit the budget."""
+    def put(
+        self, tokens: list[int], state: ModelState, last_logits: Tensor, pinned: bool = False, ns: str = ""
+    ) -> bool:
+        """Keep a copy of a one-row `state` summarising `tokens`; False when it does not fit the budget.
+        Only the shared namespace's pinned snapshots persist (a tenant's prompt stays in memory)."""
         if not tokens or self.budget <= 0:
             return False
-        node = self._insert(tuple(tokens))
+        pinned = pinned and ns == ""
+        node = self._insert(tuple(tokens), self.roots.setdefault(ns, _Node()))
         if node.snap is not None:
             node.snap.pinned |= pinned
             self.lru.move_to_end(node)
@@ -107,9 +119,9 @@ class PrefixCache:
             self._evict_one(keep=node)
         return node.snap is not None
 
-    def _insert(self, tokens: tuple[int, ...]) -> _Node:
-        """The node for exactly `tokens`, made by extending or splitting edges."""
-        node, depth, _, _ = self._walk(tokens)
+    def _insert(self, tokens: tuple[int, ...], root: _Node) -> _Node:
+        """The node for exactly `tokens` under `root`, made by extending or splitting edges."""
+        node, depth, _, _ = self._walk_from(root, tokens)
         if depth == len(tokens):
             return node
         child = node.children.get(tokens[depth])
@@ -147,7 +159,7 @@ class PrefixCache:
 
     def _prune(self, node: _Node) -> None:
         """Remove snapshot-less leaves upwards, and merge a snapshot-less node with its only child."""
-        while node is not self.root and node.snap is None and len(node.children) <= 1:
+        while node.parent is not None and node.snap is None and len(node.children) <= 1:
             parent = node.parent
             if node.children:  # one child: it takes this node's place, its edge extended
                 (child,) = node.children.values()
@@ -156,6 +168,8 @@ class PrefixCache:
                 return
             del parent.children[node.edge[0]]
             node = parent
+        if node.parent is None and not node.children and node is not self.root:  # a tenant's tree is empty
+            self.roots = {ns: root for ns, root in self.roots.items() if root is not node}
 
     def pinned(self) -> list[Snapshot]:
         return [n.snap for n in self.lru if n.snap.pinned]
