@@ -114,6 +114,15 @@ class Engine:
 
     # ---------------------------------------------------------------- the scheduler thread
     def _loop(self) -> None:
+        try:
+            self._iterate()
+        except BaseException:  # the thread is ending: nobody would ever answer the requests in flight
+            log.critical("the engine thread stopped; /health answers 503 until the server is restarted")
+            self.core.fail_all("the engine has stopped; see the server log")
+            self._flush()
+            raise
+
+    def _iterate(self) -> None:
         while not self._stop.is_set():
             try:
                 self._drain(block=not self.core.has_work())
