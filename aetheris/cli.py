@@ -14,7 +14,8 @@ def _train(args: argparse.Namespace) -> None:
     from training.config import load_config
     from training.trainer import Trainer
 
-    cfg = load_config(args.config, args.set)
+    overrides = args.set + ([f"checkpoint.keep_last={args.keep_last}"] if args.keep_last is not None else [])
+    cfg = load_config(args.config, overrides)
     summary = Trainer(cfg, resume=args.resume).train()
     if summary:
         print(f"final checkpoint: {summary['final']}")
@@ -48,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set schedule.steps=50 (repeatable)",
     )
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    t.add_argument(
+        "--keep-last",
+        type=int,
+        default=None,
+        metavar="K",
+        help="keep only the newest K checkpoints (config checkpoint.keep_last; default: all)",
+    )
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="stream a completion from a checkpoint to the terminal")

@@ -63,7 +63,13 @@ def sample(logits: Tensor, s: SamplingBatch) -> Tensor:
     if bool(greedy.all()):
         return greedy_ids
     temp = torch.where(greedy, torch.ones_like(s.temperature), s.temperature).to(logits.device)
-    probs = torch.softmax(logits / temp.unsqueeze(1), dim=-1)  # (B, V)
+    scaled = logits / temp.unsqueeze(1)  # (B, V)
+    # A temperature so small that logits / temperature overflows is greedy: its limit as temperature -> 0,
+    # where the overflow would make the softmax NaN and the draw arbitrary.
+    overflow = ~torch.isfinite(scaled.amax(dim=-1)) & torch.isfinite(logits.amax(dim=-1))  # (B,)
+    greedy = greedy.to(logits.device) | overflow
+    scaled = torch.where(overflow.unsqueeze(1), logits, scaled)
+    probs = torch.softmax(scaled, dim=-1)  # (B, V)
     sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
     ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)  # (1, V)
     k = s.top_k.to(probs.device).unsqueeze(1)  # (B, 1)
@@ -79,7 +85,7 @@ def sample(logits: Tensor, s: SamplingBatch) -> Tensor:
     u = _uniforms(s, logits.shape[0], probs.device) * cdf[:, -1]  # (B,)
     pos = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
     drawn = order.gather(1, pos).squeeze(1)  # (B,)
-    return torch.where(greedy.to(logits.device), greedy_ids, drawn)
+    return torch.where(greedy, greedy_ids, drawn)
 
 
 def top_logprobs(logprobs: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -64,6 +64,11 @@ class Tokenizer:
         self._byte_level = _is_byte_level(self.tokenizer)
         added = self.tokenizer.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
+        # Control tokens belong to the chat template: what a user types is encoded by a copy that reads
+        # "<|end|>" or "<tool_call>" as plain text, never as the token.
+        self.control_texts = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
+        self._plain = HFTokenizer.from_str(self.tokenizer.to_str())
+        self._plain.encode_special_tokens = True
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> Tokenizer | None:
@@ -122,9 +127,33 @@ class Tokenizer:
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
     ) -> list[int]:
-        """Render the template, then encode it without adding special tokens again (the template has them)."""
-        text = self.apply_chat_template(messages, add_generation_prompt, tools)
-        return self.encode(text, add_special_tokens=False)
+        """Render the template, then encode it without adding special tokens again (the template has them).
+
+        A message that spells a control token ("<|end|>", "<tool_call>") is encoded as plain text: it is
+        rendered as a unique placeholder, found in the output, and its text encoded by a copy of the tokenizer
+        that reads control tokens as text, so a user cannot end a turn and forge another. A template that
+        drops or rewrites such a placeholder is refused (ValueError)."""
+        typed = {
+            i: m["content"]
+            for i, m in enumerate(messages)
+            if isinstance(m.get("content"), str) and any(c in m["content"] for c in self.control_texts)
+        }
+        if not typed:
+            return self.encode(
+                self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False
+            )
+        marks = {i: f"\ue000{i}\ue001" for i in typed}
+        rendered = [{**m, "content": marks[i]} if i in marks else m for i, m in enumerate(messages)]
+        text = self.apply_chat_template(rendered, add_generation_prompt, tools)
+        where = {i: text.find(mark) for i, mark in marks.items()}
+        if min(where.values()) < 0:
+            raise ValueError("a message contains control-token text that the chat template rewrites")
+        ids, pos = [], 0
+        for i in sorted(typed, key=where.get):
+            ids += self.encode(text[pos : where[i]], add_special_tokens=False)
+            ids += self._plain.encode(typed[i], add_special_tokens=False).ids
+            pos = where[i] + len(marks[i])
+        return ids + self.encode(text[pos:], add_special_tokens=False)
 
 
 def _raise_template_error(message: str):

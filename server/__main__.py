@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
 
@@ -15,9 +16,14 @@ def main(argv: list[str] | None = None) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5
     )
+    server = uvicorn.Server(config)
+    app.state.holder.on_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if app.state.holder.error is not None:  # the model did not load: fail loudly (the cause is logged)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

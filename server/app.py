@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from . import errors
 from .loading import ModelHolder, lifespan
-from .middleware import BodyLimit, RequestId
+from .middleware import ApiKeyGate, BodyLimit, RequestId
 from .routers import openai_router, ops_router, page_router, tokenizer_router
 from .serving import Serving
 from .settings import Settings
@@ -28,6 +28,8 @@ def create_app(settings: Settings, serving: Serving | None = None) -> FastAPI:
     )
     app.state.holder = ModelHolder(settings, serving)
     errors.install(app)
+    # Added first, so innermost: CORS (outside it) answers preflights and adds its headers to a 401.
+    app.add_middleware(ApiKeyGate, key=settings.api_key, metrics=settings.metrics_require_key)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

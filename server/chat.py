@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -48,7 +49,7 @@ def usage_info(u: Usage) -> UsageInfo:
 
 def _chat_logprobs(serving: Serving, lps: list[TokenLogprob]) -> ChoiceLogprobs:
     def top(tok: int, lp: float) -> TopLogprob:
-        return TopLogprob(token=serving.token_text(tok), logprob=lp, bytes=list(serving.tokenizer.token_bytes(tok)))
+        return TopLogprob(token=serving.token_text(tok), logprob=lp, bytes=serving.token_bytes(tok))
 
     return ChoiceLogprobs(
         content=[
@@ -77,6 +78,11 @@ def message_boundaries(
     return tuple(points), pinned
 
 
+def _render(tokenizer, messages: list[dict], tools: list | None):
+    prompt = tokenizer.encode_chat(messages, tools=tools)
+    return prompt, message_boundaries(tokenizer, messages, prompt, tools)
+
+
 async def build_request(serving: Serving, body: ChatCompletionRequest) -> tuple[GenerationRequest, set[str] | None]:
     """The engine request, and the tool names whose calls are parsed out of the reply (None: no parsing)."""
     serving.check_model(body.model)
@@ -84,8 +90,8 @@ async def build_request(serving: Serving, body: ChatCompletionRequest) -> tuple[
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
     tools = body.tools or None
     messages, template_tools = template_messages(body.messages, tools, serving.tokenizer.chat_template)
-    try:
-        prompt = serving.tokenizer.encode_chat(messages, tools=template_tools)
+    try:  # a long prompt's template, tokens and message boundaries are rendered off the event loop
+        prompt, (points, pinned) = await asyncio.to_thread(_render, serving.tokenizer, messages, template_tools)
     except Exception as e:  # the checkpoint's chat template refused these messages
         raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
     tools_spec = tool_grammar(tools, body.tool_choice, body.parallel_tool_calls) if tools else None
@@ -96,18 +102,20 @@ async def build_request(serving: Serving, body: ChatCompletionRequest) -> tuple[
     )
     params.grammar = await grammar_for(serving.grammars, body, tools_spec)
     names = {t.function.name for t in tools} if tools and body.tool_choice != "none" else None
-    points, pinned = message_boundaries(serving.tokenizer, messages, prompt, template_tools)
     return GenerationRequest(new_id("chatcmpl"), prompt, params, snapshot_at=points, pinned_prefix=pinned), names
 
 
 async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, request: Request):
     req, names = await build_request(serving, body)
+    req.tenant = serving.tenant(request.headers)
     serving.log_request(req, body.messages)
     outputs = await serving.start(req)  # raises 503 before any byte is sent when overloaded
     abort = lambda: serving.engine.abort(req.request_id)  # noqa: E731
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(req, body, outputs, serving, include_usage, names), abort)
+        return sse_response(
+            _stream(req, body, outputs, serving, include_usage, names), abort, serving.settings.send_timeout
+        )
     return await until_disconnect(request, _collect(req, body, outputs, serving, names), abort)
 
 
@@ -142,8 +150,15 @@ async def _collect(
             finish[d.index] = d.finish_reason or finish[d.index]
         usage = out.usage or usage
     serving.log_done(req, usage, texts)
+    return await asyncio.to_thread(_completion, req, body, serving, (texts, finish, lps, names), usage)
+
+
+def _completion(req: GenerationRequest, body: ChatCompletionRequest, serving: Serving, got, usage) -> ChatCompletion:
+    """The response, tool calls parsed and logprobs rendered (off the event loop: a long reply's logprobs are
+    many objects)."""
+    texts, finish, lps, names = got
     choices = []
-    for i in range(n):
+    for i in range(req.params.n):
         message, reason = _message(texts[i], finish[i], names)
         lp = _chat_logprobs(serving, lps[i]) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=lp))

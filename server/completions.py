@@ -6,6 +6,7 @@ the ones before it (what lm-evaluation-harness's `local-completions` needs for l
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 
 from fastapi import Request
@@ -51,7 +52,8 @@ async def build_requests(serving: Serving, body: CompletionRequest) -> list[tupl
     grammar = await grammar_for(serving.grammars, body)
     base = new_id("cmpl")
     reqs = []
-    for i, (text, ids) in enumerate(_prompts(serving, body.prompt)):
+    prompts = await asyncio.to_thread(_prompts, serving, body.prompt)  # long prompts tokenize off the event loop
+    for i, (text, ids) in enumerate(prompts):
         params = body.to_sampling_params(
             max_tokens=body.max_new_tokens,
             logit_bias=serving.logit_bias(body.logit_bias),
@@ -84,7 +86,9 @@ class _Logprobs:
 
 async def create_completion(serving: Serving, body: CompletionRequest, request: Request):
     reqs = await build_requests(serving, body)
+    tenant = serving.tenant(request.headers)
     for _, req in reqs:
+        req.tenant = tenant
         serving.log_request(req)
     streams = await serving.start_all([req for _, req in reqs])
 
@@ -94,7 +98,7 @@ async def create_completion(serving: Serving, body: CompletionRequest, request: 
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(serving, body, reqs, streams, include_usage), abort)
+        return sse_response(_stream(serving, body, reqs, streams, include_usage), abort, serving.settings.send_timeout)
     return await until_disconnect(request, _collect(serving, body, reqs, streams), abort)
 
 
@@ -114,7 +118,13 @@ async def _collect(serving: Serving, body: CompletionRequest, reqs, streams: lis
             pairs[k] += zip(d.token_ids, d.logprobs or [None] * len(d.token_ids))
             finish[k] = d.finish_reason or finish[k]
         usage += out.usage or Usage(0, 0, 0)
-    offsets = [0 if body.echo else len(text) for text, _ in reqs for _ in range(n)]
+    return await asyncio.to_thread(_completion, serving, body, reqs, (texts, finish, pairs), usage)
+
+
+def _completion(serving: Serving, body: CompletionRequest, reqs, got, usage: Usage) -> Completion:
+    """The response, logprobs rendered (off the event loop: echo of a long prompt is many objects)."""
+    texts, finish, pairs = got
+    offsets = [0 if body.echo else len(text) for text, _ in reqs for _ in range(body.n)]
     choices = [
         CompletionChoice(
             index=k,

@@ -14,6 +14,8 @@ and outputs out.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +25,17 @@ from model import HybridLM
 from model.sampling import sampleable_vocab
 from model.tokenizer import Tokenizer
 
+from . import faults
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
-from .sampler import sample_next
+from .sampler import Sampled, sample_next
 from .scheduler import Emit, PrefillChunk, RequestState, Scheduler
 from .sequence import Sequence
 from .state_pool import StatePool
-from .types import GenerationRequest
+from .types import ChoiceDelta, GenerationRequest
+
+log = logging.getLogger("aetheris.engine")
 
 
 @dataclass
@@ -83,10 +88,20 @@ class EngineCore:
         for seq in r.seqs if r is not None else ():
             self.runner.release(seq)
 
+    def fail(self, r: RequestState, message: str) -> None:
+        """End one request with an error (500 / an error event) and free its slots; the others carry on."""
+        self.abort(r.request_id)
+        self.output.fail(r, message)
+
     def fail_all(self, message: str) -> None:
-        for request_id, r in list(self.scheduler.requests.items()):
-            self.abort(request_id)
-            self.output.fail(r, message)
+        for r in list(self.scheduler.requests.values()):
+            self.fail(r, message)
+
+    def _fail_rows(self, seqs: list[Sequence], bad: list[int], why: str) -> None:
+        for rid in dict.fromkeys(seqs[i].request_id for i in bad):
+            if (r := self.scheduler.requests.get(rid)) is not None:
+                log.error("%s: %s; failing this request only", rid, why)
+                self.fail(r, f"internal error while serving this request: {why}")
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -94,24 +109,64 @@ class EngineCore:
     # ---------------------------------------------------------------- one iteration
     @torch.inference_mode()
     def step(self) -> None:
+        faults.at_step([r.req.params.seed for r in self.scheduler.requests.values()])
+        self._expire()
         admission = self.scheduler.admit()
         for r, why in admission.rejected:
             self.output.fail(r, why)
         for r in [r for r in admission.admitted if r.follow is None] + self.scheduler.released():
             self.runner.begin(r)
         for chunk in self.scheduler.plan_prefill():
-            self._prefill(chunk)
+            if chunk.request.request_id in self.scheduler.requests:  # not failed by an earlier chunk
+                self._guarded(chunk.request, self._prefill, chunk)
         if self.runner.running:
-            seqs, logits = self.runner.decode()
-            self._sample_and_emit(seqs, logits, from_decode=True)
+            self._decode()
         if self.metrics is not None:
             self.metrics.observe_core(self)
+
+    def _guarded(self, r: RequestState, work, *args) -> None:
+        """Run one request's own work (its prefill, its first tokens); a failure fails that request alone."""
+        try:
+            work(*args)
+        except Exception as e:
+            log.exception("%s: failed while prefilling", r.request_id)
+            self.fail(r, f"internal error while serving this request: {type(e).__name__}")
+
+    def _decode(self) -> None:
+        """The batched step. If it fails, the requests in it fail; waiting and prefilling ones carry on."""
+        try:
+            if faults.hit("step", [s.params.seed for s in self.runner.running]):
+                raise RuntimeError("injected: the decode step fails")
+            seqs, logits = self.runner.decode()
+        except Exception as e:
+            log.exception("the decode step failed; failing the %d sequences in it", len(self.runner.running))
+            seqs = list(self.runner.running)
+            self._fail_rows(seqs, list(range(len(seqs))), f"the decode step failed ({type(e).__name__})")
+            return
+        self._sample_and_emit(seqs, logits, from_decode=True)
+
+    def _expire(self) -> None:
+        """End the requests past their deadline as if they had reached max_tokens: the text so far, finish
+        reason "length", and usage."""
+        now = time.monotonic()
+        for r in [r for r in self.scheduler.requests.values() if r.req.deadline is not None]:
+            if now < r.req.deadline:
+                continue
+            if not r.seqs:  # still waiting: no choice has started
+                deltas = [ChoiceDelta(i, finish_reason="length") for i in range(r.req.params.n)]
+            else:
+                deltas = [s.finish_early("length") for s in r.seqs if not s.finished]
+            self.abort(r.request_id)
+            self.output.emit(r, deltas)
 
     def _prefill(self, chunk: PrefillChunk) -> None:
         r = chunk.request
         if chunk.tokens:
             before = r.last_logits
-            logits = self.runner.prefill(r, chunk.tokens)
+            tokens = chunk.tokens
+            if faults.hit("prefill", [r.req.params.seed]):
+                tokens = [self.model.config.vocab_size + 1] * len(tokens)
+            logits = self.runner.prefill(r, tokens)
             if logits is not None:
                 self.output.add_prompt_logprobs(r, before, logits, chunk.tokens)
             if chunk.snapshot and not chunk.completes:
@@ -130,12 +185,65 @@ class EngineCore:
         self._sample_and_emit(list(r.seqs), self.runner.start_decoding(r))
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: Tensor, from_decode: bool = False) -> None:
-        """Sample one token per sequence (seqs[i] <-> logits[i]), emit the deltas, retire finished sequences."""
-        deltas, finished = self.output.append(seqs, sample_next(seqs, logits))
+        """Sample one token per sequence (seqs[i] <-> logits[i]), emit the deltas, retire finished sequences.
+        A row that cannot be sampled (NaN logits, a sampler error, an id outside the vocabulary) fails its
+        request alone."""
+        seqs, logits, sampled = self._sample(seqs, logits)
+        deltas, finished = self.output.append(seqs, sampled)
         for i in finished:
             seq = seqs[i]
-            tokens = self.scheduler.requests[seq.request_id].req.prompt_ids + seq.output_ids[:-1]
-            self.runner.finish(seq, tokens, logits[i] if from_decode else None)
+            r = self.scheduler.requests[seq.request_id]
+            tokens = r.req.prompt_ids + seq.output_ids[:-1]
+            self.runner.finish(seq, tokens, logits[i] if from_decode else None, r.req.tenant)
         for request_id, ds in deltas.items():
             if self.output.emit(self.scheduler.requests[request_id], ds):
                 self.scheduler.requests.pop(request_id, None)
+
+    def _sample(self, seqs: list[Sequence], logits: Tensor) -> tuple[list[Sequence], Tensor, Sampled]:
+        """The rows that could be sampled, their logits and their tokens; the others' requests are failed."""
+        nan = [i for i, s in enumerate(seqs) if faults.hit("nan", [s.params.seed])]
+        if nan:
+            logits = logits.clone()
+            logits[nan] = float("nan")
+        bad = torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist()
+        self._fail_rows(seqs, bad, "the model produced NaN logits")
+        seqs, logits = self._keep(seqs, logits, bad)
+        if not seqs:
+            return seqs, logits, Sampled([], [])
+        try:
+            if faults.hit("sampler", [s.params.seed for s in seqs]):
+                raise RuntimeError("injected: the sampler fails")
+            sampled = sample_next(seqs, logits)
+        except Exception:  # find the rows at fault by sampling them one at a time
+            log.exception("sampling a batch of %d failed; sampling row by row", len(seqs))
+            sampled, bad = self._sample_rows(seqs, logits)
+            self._fail_rows(seqs, bad, "the sampler failed")
+            seqs, logits = self._keep(seqs, logits, bad)
+        toks = [self.vocab + 1 if faults.hit("token", [s.params.seed]) else t for s, t in zip(seqs, sampled.tokens)]
+        bad = [i for i, t in enumerate(toks) if not 0 <= t < self.vocab]
+        self._fail_rows(seqs, bad, "the sampler returned a token id outside the vocabulary")
+        keep = [i for i in range(len(seqs)) if i not in set(bad)]
+        sampled = Sampled([toks[i] for i in keep], [sampled.logprobs[i] for i in keep])
+        seqs, logits = self._keep(seqs, logits, bad)
+        return seqs, logits, sampled
+
+    def _sample_rows(self, seqs: list[Sequence], logits: Tensor) -> tuple[Sampled, list[int]]:
+        tokens, lps, bad = [], [], []
+        for i, s in enumerate(seqs):
+            try:
+                if faults.hit("sampler", [s.params.seed]):
+                    raise RuntimeError("injected: the sampler fails")
+                one = sample_next([s], logits[i : i + 1])
+            except Exception:
+                bad.append(i)
+                continue
+            tokens += one.tokens
+            lps += one.logprobs
+        return Sampled(tokens, lps), bad
+
+    @staticmethod
+    def _keep(seqs: list[Sequence], logits: Tensor, bad: list[int]) -> tuple[list[Sequence], Tensor]:
+        if not bad:
+            return seqs, logits
+        keep = [i for i in range(len(seqs)) if i not in set(bad)]
+        return [seqs[i] for i in keep], logits[keep]

@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from fastapi import FastAPI
@@ -134,7 +134,9 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     total, active = model.num_parameters()  # before packing, which moves weights out of the parameters
     _speed_up(model, settings, metrics)
     cfg = core_config(settings, model)
-    engine = Engine(model, tokenizer, cfg, settings.max_queue, metrics).start()
+    engine = Engine(
+        model, tokenizer, cfg, settings.max_queue, metrics, settings.max_queue_tokens, settings.send_timeout
+    ).start()
     _log_state_layout(model, cfg, metrics)
     log.info(
         "serving %s as '%s' on %s (%s): %.1fM parameters, %.1fM active",
@@ -156,13 +158,19 @@ class ModelHolder:
         self.serving = serving
         self.error: str | None = None
         self.metrics = serving.engine.metrics if serving is not None and serving.engine.metrics else Metrics()
+        # Called when loading fails; `python -m server` stops the server with it, so the process exits
+        # non-zero and `docker run` or an orchestrator shows the cause, instead of a server answering 503.
+        self.on_failure: Callable[[], None] | None = None
 
     def load(self) -> None:
         try:
             self.serving = build_serving(self.settings, self.metrics)
         except Exception as e:
-            log.exception("loading the model failed")
             self.error = f"{type(e).__name__}: {e}"
+            log.error("could not load the model %s: %s", self.settings.model, self.error)
+            log.debug("the loader's traceback:", exc_info=True)
+            if self.on_failure is not None:
+                self.on_failure()
 
 
 @contextlib.asynccontextmanager

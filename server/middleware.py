@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: the request-body limit and the X-Request-ID header.
+"""Pure ASGI middleware: the API key gate, the request-body limit and the X-Request-ID header.
 
 Both wrap `receive` / `send` and nothing else: a Starlette BaseHTTPMiddleware (`@app.middleware("http")`)
 would hide the client's http.disconnect from the route, and a non-streaming request whose client left
@@ -7,6 +7,7 @@ would keep its slot until it finished.
 
 from __future__ import annotations
 
+import hmac
 import uuid
 
 from starlette.datastructures import MutableHeaders
@@ -75,3 +76,31 @@ class RequestId:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json")
+
+
+class ApiKeyGate:
+    """With --api-key, 401 on the API, its docs and schema (and /metrics with --metrics-require-key) before
+    anything reads the body: FastAPI reads and parses a body before its dependencies run, so a dependency
+    would let anyone without the key make the server read and parse megabytes. /health, the page and CORS
+    preflights stay open."""
+
+    def __init__(self, app: ASGIApp, key: str | None, metrics: bool = False) -> None:
+        self.app, self.key = app, key.encode() if key else None
+        self.paths = PROTECTED + (("/metrics",) if metrics else ())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key is None or scope["type"] != "http" or scope["method"] == "OPTIONS" or not self._guards(scope):
+            return await self.app(scope, receive, send)
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, key = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.key):
+            return await self.app(scope, receive, send)
+        message = "invalid or missing API key (send 'Authorization: Bearer <key>')"
+        await error_response(401, message, code="invalid_api_key")(scope, receive, send)
+
+    def _guards(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return any(path == p.rstrip("/") or path.startswith(p) for p in self.paths)

@@ -51,7 +51,7 @@ class ModelRunner:
     def begin(self, r: RequestState) -> Snapshot | None:
         """Start a prompt from its longest cached prefix, or from the empty state. Prompt logprobs need every
         prompt position's logits, which a snapshot does not keep, so those requests start from scratch."""
-        snap = None if r.req.params.prompt_logprobs else self.cache.lookup(r.req.prompt_ids)
+        snap = None if r.req.params.prompt_logprobs else self.cache.lookup(r.req.prompt_ids, r.req.tenant)
         if snap is not None:
             r.state, r.last_logits, r.snapshot = snap.state, snap.last_logits, snap
             r.computed = r.cached = snap.length
@@ -88,7 +88,8 @@ class ModelRunner:
         if r.cached < r.computed:
             tokens = r.req.prompt_ids[: r.computed]
             pinned = r.computed <= r.req.pinned_prefix
-            r.snapshot = self.cache.put(tokens, r.state, r.last_logits, pinned, hint=r.snapshot) or r.snapshot
+            hint = r.snapshot
+            r.snapshot = self.cache.put(tokens, r.state, r.last_logits, pinned, hint, r.req.tenant) or hint
 
     def decode(self) -> tuple[list[Sequence], Tensor]:
         """ONE batched step over every running sequence, in place on the pool's rows: (seqs, logits (B, V))."""
@@ -102,11 +103,11 @@ class ModelRunner:
             self.metrics.observe_decode(len(seqs), time.perf_counter() - t0)
         return seqs, self._sampleable(logits)
 
-    def finish(self, seq: Sequence, tokens: list[int], logits: Tensor | None) -> None:
+    def finish(self, seq: Sequence, tokens: list[int], logits: Tensor | None, ns: str = "") -> None:
         """Free a finished sequence's row. After a decode step (`logits` given) the row summarises `tokens`
         (prompt + all outputs but the last): keep it, where the next turn of a chat resumes."""
         if logits is not None and seq.slot >= 0:
-            self.cache.put(tokens, self.pool.row(seq.slot), logits)
+            self.cache.put(tokens, self.pool.row(seq.slot), logits, ns=ns)
         self.release(seq)
 
     def release(self, seq: Sequence) -> None:

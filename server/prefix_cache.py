@@ -62,7 +62,8 @@ class PrefixCache:
     def __init__(self, budget_bytes: int, on_pin=None) -> None:
         self.budget = budget_bytes
         self.on_pin = on_pin  # called with each newly pinned snapshot (SnapshotStore.save persists it)
-        self.root = _Node()
+        self.root = _Node()  # the shared namespace ""
+        self.roots: dict[str, _Node] = {"": self.root}
         self.lru: OrderedDict[_Node, None] = OrderedDict()  # nodes holding a snapshot, least recent first
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
@@ -86,14 +87,14 @@ class PrefixCache:
                 best = node
         return node, best
 
-    def match_length(self, tokens: list[int]) -> int:
+    def match_length(self, tokens: list[int], ns: str = "") -> int:
         """How many leading tokens a lookup would restore (no statistics, no LRU touch)."""
-        best = self._walk(tokens)[1]
+        best = self._walk(tokens, self.roots.get(ns) or _Node())[1]
         return 0 if best is None else best.depth
 
-    def lookup(self, tokens: list[int]) -> Snapshot | None:
-        """The deepest snapshot whose tokens the prompt starts with (it may be all of them)."""
-        best = self._walk(tokens)[1]
+    def lookup(self, tokens: list[int], ns: str = "") -> Snapshot | None:
+        """The deepest snapshot of the namespace whose tokens the prompt starts with (it may be all of them)."""
+        best = self._walk(tokens, self.roots.get(ns) or _Node())[1]
         if best is None:
             self.misses += 1
             return None
@@ -109,13 +110,17 @@ class PrefixCache:
         last_logits: Tensor,
         pinned: bool = False,
         hint: Snapshot | None = None,
+        ns: str = "",
     ) -> Snapshot | None:
-        """Keep a copy of a one-row `state` summarising `tokens`; returns the snapshot (None when it does not
-        fit the budget). `hint`, an earlier snapshot of a prefix of `tokens` (the same request's last one),
-        lets the insert walk only the tokens after it."""
+        """Keep a copy of a one-row `state` summarising `tokens` in namespace `ns`; returns the snapshot (None
+        when it does not fit the budget). `hint`, an earlier snapshot of a prefix of `tokens` in the same
+        namespace (the same request's last one), lets the insert walk only the tokens after it. Only the
+        shared namespace's pinned snapshots persist (a tenant's prompt stays in memory)."""
         if not tokens or self.budget <= 0:
             return None
-        start = hint.node if hint is not None and self._attached(hint.node) else self.root
+        pinned = pinned and ns == ""
+        root = self.roots.setdefault(ns, _Node())
+        start = hint.node if hint is not None and self._attached(hint.node, root) else root
         node = self._insert(tokens, start)
         if node.snap is not None:
             node.snap.pinned |= pinned
@@ -135,10 +140,11 @@ class PrefixCache:
             self._evict_one(keep=node)
         return snap if node.snap is snap else None
 
-    def _attached(self, node: _Node) -> bool:
+    @staticmethod
+    def _attached(node: _Node, root: _Node) -> bool:
         while node.parent is not None:
             node = node.parent
-        return node is self.root
+        return node is root
 
     def _insert(self, tokens: list[int], start: _Node) -> _Node:
         """The node for exactly `tokens`, made by extending or splitting edges below `start`."""
@@ -179,7 +185,7 @@ class PrefixCache:
 
     def _prune(self, node: _Node) -> None:
         """Remove snapshot-less leaves upwards, and merge a snapshot-less node with its only child."""
-        while node is not self.root and node.snap is None and len(node.children) <= 1:
+        while node.parent is not None and node.snap is None and len(node.children) <= 1:
             parent = node.parent
             node.parent = None  # out of the tree: a hint pointing here is stale
             if node.children:  # one child: it takes this node's place, its edge extended
@@ -189,6 +195,8 @@ class PrefixCache:
                 return
             del parent.children[node.edge[0]]
             node = parent
+        if node.parent is None and not node.children and node is not self.root:  # a tenant's tree is empty
+            self.roots = {ns: root for ns, root in self.roots.items() if root is not node}
 
     def pinned(self) -> list[Snapshot]:
         return [n.snap for n in self.lru if n.snap.pinned]

@@ -75,6 +75,9 @@ async def health(holder: HolderDep):
         return error_response(503, holder.error or "the model is still loading", code=f"model_{status}")
     if not s.engine.alive:
         return error_response(503, "the engine thread has stopped", code="engine_dead")
+    if s.engine.stalled(holder.settings.watchdog_s):
+        message = f"the engine has made no progress for over {holder.settings.watchdog_s:g} s"
+        return error_response(503, message, code="engine_stalled")
     return {"status": "ok", "model": s.model_name}
 
 

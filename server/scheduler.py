@@ -95,16 +95,20 @@ class Scheduler:
         self.waiting: deque[RequestState] = deque()
         self.prefilling: list[RequestState] = []
         self.requests: dict[str, RequestState] = {}
+        self.waiting_tokens = 0  # prompt tokens in `waiting`; the event loop reads it to bound the queue
+        self._turn = 0  # which prefilling request goes first this iteration (round-robin)
 
     def add(self, r: RequestState) -> None:
         self.requests[r.request_id] = r
         self.waiting.append(r)
+        self.waiting_tokens += len(r.req.prompt_ids)
 
     def remove(self, request_id: str) -> RequestState | None:
         """Forget a request wherever it is; its pool rows are the runner's to free."""
         r = self.requests.pop(request_id, None)
         if r is not None and r in self.waiting:
             self.waiting.remove(r)
+            self.waiting_tokens -= len(r.req.prompt_ids)
         if r is not None and r in self.prefilling:
             self.prefilling.remove(r)
         return r
@@ -138,6 +142,7 @@ class Scheduler:
         out = Admission()
         while self.waiting and self.fits(self.waiting[0]):
             r = self.waiting.popleft()
+            self.waiting_tokens -= len(r.req.prompt_ids)
             p = r.req.params
             try:
                 r.seqs = [Sequence.create(r.request_id, i, p, self.tokenizer, self.stop_ids) for i in range(p.n)]
@@ -155,8 +160,10 @@ class Scheduler:
         not computed yet: r waits for its snapshot there (one prefill of a shared prefix, not two)."""
         if r.req.params.prompt_logprobs:  # starts from scratch whatever the cache holds
             return None
-        have, best = self.cache.match_length(r.req.prompt_ids), None
+        have, best = self.cache.match_length(r.req.prompt_ids, r.req.tenant), None
         for other in self.prefilling:
+            if other.req.tenant != r.req.tenant:  # never wait on (or learn from) another tenant's prompt
+                continue
             n = common_prefix(other.req.prompt_ids, r.req.prompt_ids)
             if n - have >= MIN_SHARED and n > other.computed and other.follow is None and (not best or n > best[1]):
                 best = (other, n)
@@ -177,25 +184,50 @@ class Scheduler:
         return out
 
     def plan_prefill(self) -> list[PrefillChunk]:
-        """Prompt chunks for this iteration, in admission order, within the token budget, each ending at the
-        next snapshot point so a snapshot is a copy, never a recomputation. A request whose chunks complete its
-        prompt leaves `prefilling`: the runner puts it in the pool this iteration."""
-        budget, chunks = self.prefill_budget, []
+        """Prompt chunks for this iteration, each ending at the next snapshot point so a snapshot is a copy,
+        never a recomputation. A prompt already computed (a full cache hit) completes at once, whatever the
+        budget. The budget is shared fairly by the prompts still prefilling: the least needy first, each up to
+        an equal share of what is left, so a short prompt behind a 50,000-token one is prefilled within an
+        iteration or two; when there are more prompts than tokens, who goes first rotates. A request whose
+        chunks complete its prompt leaves `prefilling`: the runner puts it in the pool this iteration."""
+        chunks, active = [], []
         for r in list(self.prefilling):
             if r.follow is not None:
                 continue
-            pos, total = r.computed, len(r.req.prompt_ids)
-            if pos == total:
-                chunks.append(PrefillChunk(r, pos, pos))
-            while pos < total and budget > 0:
-                end = min(total, pos + budget, self._next_point(r, pos))
-                chunks.append(PrefillChunk(r, pos, end, snapshot=end in r.points or end % self.interval == 0))
-                budget, pos = budget - (end - pos), end
-            if pos == total:
+            if r.computed == len(r.req.prompt_ids):
+                chunks.append(PrefillChunk(r, r.computed, r.computed))
                 self.prefilling.remove(r)
+            else:
+                active.append(r)
+        if not active:
+            return chunks
+        k = self._turn % len(active)
+        self._turn += 1
+        order = sorted(active[k:] + active[:k], key=lambda r: len(r.req.prompt_ids) - r.computed)
+        budget = self.prefill_budget
+        for i, r in enumerate(order):
             if budget <= 0:
                 break
+            share = max(1, budget // (len(order) - i))
+            mine = self._chunks(r, share)
+            chunks += mine
+            budget -= sum(c.end - c.start for c in mine)
         return chunks
+
+    def _chunks(self, r: RequestState, allowance: int) -> list[PrefillChunk]:
+        """Up to `allowance` tokens of r's prompt, split at its snapshot points."""
+        out, pos, total = [], r.computed, len(r.req.prompt_ids)
+        stop = min(total, pos + allowance)
+        while pos < stop:
+            end = min(stop, self._next_point(r, pos))
+            out.append(PrefillChunk(r, pos, end, snapshot=end in r.points or self._on_interval(end)))
+            pos = end
+        if pos == total:
+            self.prefilling.remove(r)
+        return out
+
+    def _on_interval(self, pos: int) -> bool:
+        return bool(self.interval) and pos % self.interval == 0
 
     def _next_point(self, r: RequestState, pos: int) -> int:
         """The first snapshot point after `pos`: a message boundary, a leader's share point or an interval."""

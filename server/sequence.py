@@ -92,6 +92,12 @@ class Sequence:
         delta.finish_reason = self.finish_reason
         return delta
 
+    def finish_early(self, reason: str) -> ChoiceDelta:
+        """End the choice now (a deadline): release all the text held back, with `reason`."""
+        self.pending += self.detok.flush()
+        self.finish_reason = reason
+        return ChoiceDelta(self.index, text=self._release(), finish_reason=self.finish_reason)
+
     def _release(self) -> str:
         """Text safe to show: up to a stop string (which ends the choice), minus a possible stop prefix."""
         stops = self.params.stop

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from model.tokenizer import Tokenizer
@@ -23,6 +26,17 @@ class Serving:
         self.vocab = engine.core.vocab
         self.max_model_len = engine.core.cfg.max_model_len or None  # None: no context limit
         self.grammars = Grammars(tokenizer)
+        # Logprobs name every token and its alternatives: each id is decoded once, not once per mention.
+        self.token_text = functools.lru_cache(maxsize=1 << 17)(self._token_text)
+        self.token_bytes = functools.lru_cache(maxsize=1 << 17)(self._token_bytes)
+
+    def tenant(self, headers) -> str:
+        """The prefix-cache namespace of a request: with --cache-isolation, a digest of its API key and
+        X-Tenant-ID header (set by a trusted gateway); without, "" (one cache shared by every client)."""
+        if not self.settings.cache_isolation:
+            return ""
+        who = headers.get("authorization", "") + "\0" + headers.get("x-tenant-id", "")
+        return hashlib.sha256(who.encode()).hexdigest()[:32]
 
     def default_max_tokens(self, prompt_tokens: int) -> int:
         """max_tokens for a chat request that sets none: the server's default, within the context left."""
@@ -31,8 +45,26 @@ class Serving:
         return max(1, min(self.settings.default_max_tokens, self.max_model_len - prompt_tokens))
 
     def check_context(self, req: GenerationRequest) -> None:
-        """A request longer than the context is refused as vLLM and OpenAI do, before it takes a slot."""
+        """A request longer than the context is refused as vLLM and OpenAI do, before it takes a slot; so is
+        a prompt over --max-prompt-tokens, and, for a model without a context limit, max_tokens over
+        --max-tokens-limit (a slot held for hours is a denial of service, not a long answer)."""
         prompt, new = len(req.prompt_ids), req.params.max_tokens
+        cap = self.settings.max_prompt_tokens
+        if cap and prompt > cap:
+            raise APIError(
+                400,
+                f"the prompt has {prompt} tokens; this server accepts at most {cap} (--max-prompt-tokens)",
+                "messages",
+                "context_length_exceeded",
+            )
+        limit = self.settings.max_tokens_limit
+        if self.max_model_len is None and new > limit:
+            raise APIError(
+                400,
+                f"max_tokens is {new}; this server allows at most {limit} (--max-tokens-limit)",
+                "max_tokens",
+                "invalid_value",
+            )
         if self.max_model_len is not None and prompt + new > self.max_model_len:
             raise APIError(
                 400,
@@ -91,8 +123,11 @@ class Serving:
                 400, f"{param}: token id {bad[0]} is outside the vocabulary (size {self.vocab})", param, "invalid_value"
             )
 
-    def token_text(self, token_id: int) -> str:
+    def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _token_bytes(self, token_id: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token_id))
 
     async def start(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Submit to the engine; overload raises here, before a response has started."""
@@ -100,6 +135,8 @@ class Serving:
             raise APIError(400, "the prompt is empty after tokenisation", "prompt", "invalid_value")
         self.check_n(req.params.n)
         self.check_context(req)
+        if self.settings.request_timeout:
+            req.deadline = time.monotonic() + self.settings.request_timeout
         return self.engine.submit(req)
 
     async def start_all(self, reqs: list[GenerationRequest]) -> list[AsyncIterator[RequestOutput]]:

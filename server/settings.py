@@ -44,8 +44,32 @@ class Settings(BaseSettings):
         description="memory for attention layers' K/V, MiB, in blocks shared by all slots (0 = a contiguous "
         "--max-model-len cache per slot); unused by pure SSM models",
     )
-    max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot; past it: 503")
+    max_tokens_limit: int = Field(
+        32768, ge=1, description="most max_tokens a request may ask of a model without a context limit (pure SSM)"
+    )
+    max_prompt_tokens: int = Field(0, ge=0, description="most prompt tokens a request may send (0 = the context)")
+    max_queue: int = Field(
+        64, ge=0, description="requests allowed to wait for a slot; past it: 503 (0 = no waiting, serve free slots)"
+    )
+    max_queue_tokens: int = Field(
+        262144, ge=0, description="prompt tokens allowed to wait for a slot, over all requests; past it: 503 (0 = any)"
+    )
+    request_timeout: float = Field(
+        0, ge=0, description="seconds a request may run; then it ends with finish_reason 'length' (0 = no deadline)"
+    )
+    send_timeout: float = Field(
+        30, gt=0, description="seconds a stream's client may stop reading before the request is aborted"
+    )
+    watchdog_s: float = Field(
+        60, ge=0, description="/health answers 503 when the engine makes no progress this long while it has work"
+    )
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on the API routes")
+    metrics_require_key: bool = Field(False, description="/metrics needs the API key too")
+    cache_isolation: bool = Field(
+        False,
+        description="keep prefix snapshots per tenant (API key and X-Tenant-ID header), so cached_tokens cannot "
+        "reveal another tenant's prompt; off: one cache shared by every client",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins ('*' for any)")
     state_cache_mb: float = Field(256, ge=0, description="memory for prefix state snapshots, MiB (0 = off)")
     snapshot_interval: int = Field(

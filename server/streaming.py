@@ -29,10 +29,13 @@ def _event(data: str) -> ServerSentEvent:
     return ServerSentEvent(data=data, sep="\n")
 
 
-def sse_response(events: AsyncIterator[dict], abort: Callable[[], None]) -> EventSourceResponse:
+def sse_response(
+    events: AsyncIterator[dict], abort: Callable[[], None], send_timeout: float | None = None
+) -> EventSourceResponse:
     """Stream JSON chunks; close with [DONE], turning a failure into an error event first. However the stream
-    ends (finished, failed, client gone), `abort` runs: a no-op for finished requests, and the only way to
-    stop requests whose output iterator never started (a disconnect during the first chunks)."""
+    ends (finished, failed, client gone, a send blocked past `send_timeout` by a client that stopped
+    reading), `abort` runs: a no-op for finished requests, and the only way to stop requests whose output
+    iterator never started (a disconnect during the first chunks)."""
 
     async def frames():
         try:
@@ -55,6 +58,7 @@ def sse_response(events: AsyncIterator[dict], abort: Callable[[], None]) -> Even
         ping=PING_SECONDS,
         sep="\n",
         headers=headers,
+        send_timeout=send_timeout,
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
     )
 

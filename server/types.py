@@ -50,6 +50,10 @@ class GenerationRequest:
     # a state snapshot there. Up to `pinned_prefix` tokens (a system prompt) the snapshot is pinned.
     snapshot_at: tuple[int, ...] = ()
     pinned_prefix: int = 0
+    # Whose prefix snapshots this request may use and make ("" = the cache every client shares).
+    tenant: str = ""
+    # time.monotonic() past which the request ends with finish_reason "length" (None = no deadline).
+    deadline: float | None = None
 
 
 @dataclass

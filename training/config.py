@@ -82,6 +82,7 @@ class EvalSection:
 class CheckpointSection:
     every: int = 500
     dir: str = "checkpoints"  # under out_dir
+    keep_last: int = 0  # keep only the newest K step checkpoints (0 = all)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class TrainConfig:
             ("schedule.grad_accum", self.schedule.grad_accum >= 1),
             ("eval.every", self.eval.every >= 1),
             ("checkpoint.every", self.checkpoint.every >= 1),
+            ("checkpoint.keep_last", self.checkpoint.keep_last >= 0),
         ]
         for name, ok in checks:
             if not ok:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from model import HybridLM
 from model.checkpoint import config_and_weights, save_checkpoint
 
-from . import distributed
+from . import checkpoints, distributed
 from .config import ConfigError, TrainConfig
 from .data import PackedData, prepare_data
 from .plots import plot_run
@@ -214,26 +214,31 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> None:
+        """A checkpoint of the model and everything resuming needs, written so that a crash at any point
+        leaves the previous one whole (training/checkpoints.py); then old ones are pruned."""
         if not self.dist.is_main:
             return
-        directory = self.out / self.cfg.checkpoint.dir / f"step_{self.step:07d}"
-        save_checkpoint(self.model, directory, self.data.tokenizer)
-        torch.save(
-            {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            },
-            directory / STATE_FILE,
-        )
-        (self.out / self.cfg.checkpoint.dir / "latest").write_text(directory.name + "\n")
+        root = self.out / self.cfg.checkpoint.dir
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+
+        def write(directory: Path) -> None:
+            save_checkpoint(self.model, directory, self.data.tokenizer)
+            torch.save(state, directory / STATE_FILE)
+
+        final = checkpoints.save_atomically(root, f"{checkpoints.PREFIX}{self.step:07d}", write)
+        checkpoints.point_latest(root, final.name)
+        checkpoints.prune(root, self.cfg.checkpoint.keep_last)
 
     def load_latest(self) -> None:
-        pointer = self.out / self.cfg.checkpoint.dir / "latest"
-        if not pointer.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint under {pointer.parent}")
-        directory = pointer.parent / pointer.read_text().strip()
+        root = self.out / self.cfg.checkpoint.dir
+        directory = checkpoints.latest(root)
+        if directory is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {root}")
         _, sd = config_and_weights(directory)
         if self.model.config.tie_embeddings:
             sd["lm_head.weight"] = sd["embeddings.weight"]

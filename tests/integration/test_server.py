@@ -27,7 +27,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    s = ServerProcess(ckpt, "--max-batch-size", "24", "--prefill-budget", "16")
+    # --max-tokens-limit: the disconnect tests ask for far more tokens than the default cap allows.
+    s = ServerProcess(ckpt, "--max-batch-size", "24", "--prefill-budget", "16", "--max-tokens-limit", "200000")
     yield s
     s.stop()
 
@@ -313,7 +314,9 @@ def test_models_tokenize_health_metrics(server, client, reference):
 @pytest.fixture(scope="module")
 def small_server(ckpt):
     s = ServerProcess(
-        ckpt, "--max-batch-size", "2", "--max-queue", "1", "--api-key", "sekret", "--cors-origins", "http://example.com"
+        ckpt,
+        *("--max-batch-size", "2", "--max-queue", "1", "--api-key", "sekret", "--cors-origins", "http://example.com"),
+        *("--max-tokens-limit", "100000"),
     )
     yield s
     s.stop()

@@ -53,3 +53,14 @@ def test_penalties_follow_openai_definition():
     s.presence_penalty, s.frequency_penalty = torch.tensor([0.5]), torch.tensor([0.25])
     s.logit_bias = torch.tensor([[0.0, 0.0, 0.0, 2.0]])
     assert apply_penalties(logits, s).tolist() == [[0.0, -0.75, -1.25, 2.0]]
+
+
+def test_a_temperature_so_small_that_logits_overflow_is_greedy():
+    """logits / 1e-38 overflows float32 (and all-negative logits underflow to -inf): the draw must be the
+    argmax, as at temperature 0, not whatever a NaN softmax gives."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 5
+    logits[:8] = -logits[:8].abs() - 1  # rows whose every logit is negative
+    for t in (1e-38, 1e-40):
+        got = sample(logits, SamplingBatch.uniform(64, temperature=t))
+        assert got.tolist() == logits.argmax(-1).tolist()
