@@ -82,14 +82,14 @@ def test_a_deadline_ends_the_request_with_length_and_usage():
     assert core.pool.used == 0 and not core.has_work()
 
 
-def test_logprobs_decode_each_token_once():
+def test_logprobs_decode_each_token_once(monkeypatch):
     """Two choices whose tokens share their 5 alternatives: one decode per distinct token id in all."""
-    tok = toy_tokenizer()
+    tok = toy_tokenizer()  # shared by the tests: the counting decode is undone after this one
     engine = SimpleNamespace(core=SimpleNamespace(vocab=tok.vocab_size, cfg=SimpleNamespace(max_model_len=0)))
     serving = Serving(Settings(), engine, tok)
     calls = []
     real = tok.decode
-    tok.decode = lambda ids, **kw: (calls.append(tuple(ids)), real(ids, **kw))[1]
+    monkeypatch.setattr(tok, "decode", lambda ids, *a, **kw: (calls.append(tuple(ids)), real(ids, *a, **kw))[1])
     top = [(i, -float(i)) for i in range(10, 15)]
     lps = [TokenLogprob(t, -1.0, top) for t in range(10, 15)] * 4
     for _ in range(2):  # two choices
