@@ -109,7 +109,8 @@ class EngineCore:
     # ---------------------------------------------------------------- one iteration
     @torch.inference_mode()
     def step(self) -> None:
-        faults.at_step([r.req.params.seed for r in self.scheduler.requests.values()])
+        if faults.FAULTS:  # tests only
+            faults.at_step([r.req.params.seed for r in self.scheduler.requests.values()])
         self._expire()
         admission = self.scheduler.admit()
         for r, why in admission.rejected:
@@ -135,7 +136,7 @@ class EngineCore:
     def _decode(self) -> None:
         """The batched step. If it fails, the requests in it fail; waiting and prefilling ones carry on."""
         try:
-            if faults.hit("step", [s.params.seed for s in self.runner.running]):
+            if faults.FAULTS and faults.hit("step", [s.params.seed for s in self.runner.running]):
                 raise RuntimeError("injected: the decode step fails")
             seqs, logits = self.runner.decode()
         except Exception as e:
@@ -201,7 +202,7 @@ class EngineCore:
 
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> tuple[list[Sequence], Tensor, Sampled]:
         """The rows that could be sampled, their logits and their tokens; the others' requests are failed."""
-        nan = [i for i, s in enumerate(seqs) if faults.hit("nan", [s.params.seed])]
+        nan = [i for i, s in enumerate(seqs) if faults.FAULTS and faults.hit("nan", [s.params.seed])]
         if nan:
             logits = logits.clone()
             logits[nan] = float("nan")
@@ -211,7 +212,7 @@ class EngineCore:
         if not seqs:
             return seqs, logits, Sampled([], [])
         try:
-            if faults.hit("sampler", [s.params.seed for s in seqs]):
+            if faults.FAULTS and faults.hit("sampler", [s.params.seed for s in seqs]):
                 raise RuntimeError("injected: the sampler fails")
             sampled = sample_next(seqs, logits)
         except Exception:  # find the rows at fault by sampling them one at a time
@@ -219,10 +220,12 @@ class EngineCore:
             sampled, bad = self._sample_rows(seqs, logits)
             self._fail_rows(seqs, bad, "the sampler failed")
             seqs, logits = self._keep(seqs, logits, bad)
-        toks = [self.vocab + 1 if faults.hit("token", [s.params.seed]) else t for s, t in zip(seqs, sampled.tokens)]
+        toks = sampled.tokens
+        if faults.FAULTS:
+            toks = [self.vocab + 1 if faults.hit("token", [s.params.seed]) else t for s, t in zip(seqs, toks)]
         bad = [i for i, t in enumerate(toks) if not 0 <= t < self.vocab]
         self._fail_rows(seqs, bad, "the sampler returned a token id outside the vocabulary")
-        keep = [i for i in range(len(seqs)) if i not in set(bad)]
+        keep = [i for i in range(len(seqs)) if i not in bad]
         sampled = Sampled([toks[i] for i in keep], [sampled.logprobs[i] for i in keep])
         seqs, logits = self._keep(seqs, logits, bad)
         return seqs, logits, sampled
@@ -245,5 +248,6 @@ class EngineCore:
     def _keep(seqs: list[Sequence], logits: Tensor, bad: list[int]) -> tuple[list[Sequence], Tensor]:
         if not bad:
             return seqs, logits
-        keep = [i for i in range(len(seqs)) if i not in set(bad)]
+        drop = set(bad)
+        keep = [i for i in range(len(seqs)) if i not in drop]
         return [seqs[i] for i in keep], logits[keep]
