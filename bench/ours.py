@@ -18,9 +18,10 @@ def decode_tokens_per_s(
 ) -> float:
     """B greedy sequences of `new_tokens` after a short prompt (each under `grammar` when given, a compiled
     server.grammar spec); only iterations where all B decode count."""
-    core = EngineCore(
-        model, tok, CoreConfig(max_batch_size=batch, prefill_budget=batch * prompt_len, state_cache_bytes=0)
-    )
+    # K/V (attention layers) paged as the server keeps it, with blocks for every sequence's whole length
+    blocks = batch * -(-(prompt_len + new_tokens) // 16)
+    cfg = CoreConfig(batch, batch * prompt_len, 0, max_model_len=prompt_len + new_tokens, kv_blocks=blocks)
+    core = EngineCore(model, tok, cfg)
     done = []
     for i in range(batch):
         prompt = [(7 * i + j) % min(tok.vocab_size, model.config.vocab_size) for j in range(prompt_len)]

@@ -53,6 +53,8 @@ class CoreConfig:
 
 class EngineCore:
     def __init__(self, model: HybridLM, tokenizer: Tokenizer, cfg: CoreConfig, metrics=None) -> None:
+        if model.config.attention_layers and not cfg.max_model_len:
+            raise ValueError("a model with attention layers needs a context limit (CoreConfig.max_model_len)")
         self.model, self.tokenizer, self.cfg, self.metrics = model, tokenizer, cfg, metrics
         self.vocab = sampleable_vocab(model.config.vocab_size, tokenizer.vocab_size)
         self.runner = ModelRunner(model, cfg, self.vocab, metrics)

@@ -120,3 +120,10 @@ def test_admission_waits_for_kv_blocks_and_running_sequences_never_lack_them():
     for r, p in zip(reqs, prompts):
         want = _alone(model, tok, p, 40, stop=False)
         assert all(got[r.request_id][i] == want for i in range(r.params.n))
+
+
+def test_attention_model_without_a_context_limit_is_refused():
+    tok = toy_tokenizer()
+    model = HybridLM(tiny_config(tok.vocab_size, "hybrid")).eval()
+    with pytest.raises(ValueError, match="needs a context limit"):
+        EngineCore(model, tok, CoreConfig(2, 16, 0))
