@@ -77,7 +77,7 @@ def main() -> None:
         "# Granite-4.0-H-shaped hybrid: ours vs transformers (python -m bench.hybrid_families)",
         "",
         f"{machine_line()}; {time.strftime('%Y-%m-%d %H:%M')}; fp32, one run. {total / 1e6:.0f}M parameters, "
-        f"{active / 1e6:.0f}M active. Ours as `python -m server` serves it by default (oneDNN-packed Linear, eager); "
+        f"{active / 1e6:.0f}M active. Ours with oneDNN-packed Linear, eager (as `--no-compile` serves it); "
         f"transformers {transformers.__version__} generate() with its cache. Greedy, {args.tokens} new "
         f"tokens after a 16-token prompt.",
         "",
