@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from aetheris.defaults import DEFAULT_MODEL_DIR
 from bench import hf as hf_bench
@@ -71,7 +72,6 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     state = model.empty_state(1, "meta").bytes_per_sequence(4096)
-    import transformers
 
     lines = [
         "# Granite-4.0-H-shaped hybrid: ours vs transformers (python -m bench.hybrid_families)",

@@ -178,9 +178,7 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
         report["roofline"]["read_samples"].append(common.read_bandwidth())
 
     def latency():
-        model, tok = (
-            load_ours(hf_dir, compile=False) if "ours --compile / float32" in unsupported else load_ours(hf_dir)
-        )
+        model, tok = load_ours(hf_dir, compile="ours --compile / float32" not in unsupported)
         report["latency"] = {pos: ours.decode_latency_at(model, pos) for pos in (100, args.far)}
         report["offline_32"] = ours.decode_tokens_per_s(model, tok, 32, args.tokens) if 32 in args.batches else None
 

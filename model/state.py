@@ -97,12 +97,13 @@ class ModelState:
 
     def copy_rows_(self, dst: slice | int, src: ModelState, tokens: int | None = None) -> None:
         """Write `src` into rows `dst` of this state (a one-row src broadcasts over them). Growing tensors copy
-        only their first `tokens` positions (default: all that src holds)."""
+        their first positions: as many as both hold, and at most `tokens` (a pool row without room for K/V, as
+        a paged pool's, gets none)."""
         for (spec, d, _), (_, s, _) in zip(self.items(), src.items()):
             d = d[dst : dst + 1] if isinstance(dst, int) else d[dst]
             if spec.seq_axis is not None:
                 axis = 1 + spec.seq_axis
-                n = min(s.shape[axis], d.shape[axis]) if tokens is None else tokens
+                n = min(s.shape[axis], d.shape[axis], s.shape[axis] if tokens is None else tokens)
                 d, s = d.narrow(axis, 0, n), s.narrow(axis, 0, n)
             d.copy_(s.to(d.dtype))
 

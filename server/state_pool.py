@@ -73,8 +73,8 @@ class StatePool:
             raise RuntimeError(f"state pool full: {start} + {k} > {self.size} rows")
         if self.blocks_needed(max(reserve, tokens), k) > self.free_blocks:
             raise RuntimeError(f"K/V cache full: {k} sequences of {reserve} tokens do not fit")
-        # Broadcasts over the k rows; paged K/V goes to blocks below instead (the rows hold none).
-        self.state.copy_rows_(slice(start, start + k), state, 0 if self.paged else tokens)
+        # Broadcasts over the k rows; paged K/V goes to blocks below instead (the rows have no room for it).
+        self.state.copy_rows_(slice(start, start + k), state, tokens)
         for i, seq in enumerate(seqs):
             seq.slot = start + i
             if self.paged:
@@ -93,7 +93,7 @@ class StatePool:
         if self.paged:
             self.paged.release(slot)
         if slot != last:
-            self.state.copy_rows_(slot, self.state.rows(slice(last, last + 1)), 0 if self.paged else self.held[last])
+            self.state.copy_rows_(slot, self.state.rows(slice(last, last + 1)), self.held[last])
             if self.paged:
                 self.paged.move(slot, last)
             moved = self.rows[last]
