@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .lm import HybridLM
 from .packed import is_packed
+from .quantized import is_quantized
 from .tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -171,6 +172,8 @@ def save_checkpoint(model: HybridLM, directory: str | os.PathLike, tokenizer: To
     """Write our format. Weights are saved contiguous, in their current dtype."""
     if is_packed(model):  # packed weights are not in state_dict(): the file would lack them
         raise ValueError("this model's Linear weights are packed for inference; save the model as loaded")
+    if is_quantized(model):  # int8 weights would be saved under names no loader reads
+        raise ValueError("this model's weights are quantized for inference; save the model as loaded")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / "config.json")

@@ -177,7 +177,7 @@ class HybridLM(nn.Module):
 
     def _logits(self, h: Tensor) -> Tensor:
         # The fp32 residual is normalised as is and cast once for the head (HF MambaForCausalLM).
-        logits = self.lm_head(self.norm_f(h).to(self.lm_head.weight.dtype)).float()  # (..., V)
+        logits = self.lm_head(self.norm_f(h).to(self.embeddings.weight.dtype)).float()  # (..., V)
         return logits / self.config.logits_scaling if self.config.logits_scaling != 1 else logits
 
     def _run(self, tokens: Tensor, state: ModelState):

@@ -52,18 +52,32 @@ class OutputChannel:
             self.on_stall()
 
     async def get(self) -> RequestOutput:
+        """Everything that arrived since the last read, as one message: a handler that fell behind by several
+        engine iterations sends their tokens in one event instead of one event each."""
         while not self.items:
             self.ready.clear()
             await self.ready.wait()
         out = self.items.popleft()
-        if len(self.items) < self.limit:
-            self.full_since = None
+        while self.items and not (out.prompt_logprobs or self.items[0].prompt_logprobs):
+            _merge(out, self.items.popleft())
+        self.full_since = None
         return out
 
 
 def _merge(into: RequestOutput, out: RequestOutput) -> None:
-    """Fold `out` into the message before it: deltas in order, the latest usage and end."""
-    into.deltas.extend(out.deltas)
+    """Fold `out` into the message before it: each choice's new text, tokens and logprobs appended to that
+    choice's delta (so the handler sends one chunk per choice), the latest usage and end."""
+    last = {d.index: d for d in into.deltas}
+    for d in out.deltas:
+        prev = last.get(d.index)
+        if prev is None or prev.finish_reason is not None:
+            into.deltas.append(d)
+            last[d.index] = d
+            continue
+        prev.text += d.text
+        prev.token_ids.extend(d.token_ids)
+        prev.logprobs.extend(d.logprobs)
+        prev.finish_reason = d.finish_reason
     into.usage = out.usage or into.usage
     into.finished = into.finished or out.finished
     into.error = into.error or out.error

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from model.checkpoint import load_model
 from model.packed import can_pack, pack_linears
+from model.quantized import quantize_int8
 
 from .core import CoreConfig
 from .engine import Engine
@@ -49,9 +50,11 @@ def missing_compiler(device: torch.device) -> str | None:
 
 
 def _speed_up(model, settings: Settings, metrics: Metrics) -> None:
-    """Pack and compile as the settings ask. Compiling is the default where it can work; where it cannot, or
-    fails, the packed eager path serves, after one warning."""
-    if settings.pack_weights and can_pack(model):
+    """Quantize or pack, and compile, as the settings ask. Compiling is the default where it can work; where it
+    cannot, or fails, the eager path serves, after one warning."""
+    if settings.quantize == "int8":
+        log.info("quantized %d Linear layers and the MoE experts to int8", quantize_int8(model))
+    elif settings.pack_weights and can_pack(model):
         log.info("packed %d Linear layers for oneDNN", pack_linears(model))
     compiled = False
     if settings.compile and (why := missing_compiler(model.embeddings.weight.device)):

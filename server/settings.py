@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     pack_weights: bool = Field(
         True, description="CPU: pack Linear weights in oneDNN's layout at load (about 2x faster decode; off: F.linear)"
     )
+    quantize: str = Field(
+        "none",
+        pattern=r"^(none|int8)$",
+        description="weight-only quantization at load: none, or int8 (per-row scales; a quarter of fp32's bytes, "
+        "activations stay in --dtype; replaces oneDNN packing)",
+    )
     compile: bool = Field(
         True,
         description="torch.compile the decode step and prefill scan at startup, before /health turns 200 (on CPU "

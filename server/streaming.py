@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import orjson
 from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -40,7 +41,7 @@ def sse_response(
     async def frames():
         try:
             async for event in events:
-                yield _event(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+                yield _event(orjson.dumps(event).decode())  # compact UTF-8, several times faster than json
         except EngineError as e:
             yield _event(json.dumps(error_body(500, str(e), code="engine_error")))
         except Exception:

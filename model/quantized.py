@@ -1,0 +1,156 @@
+"""Weight-only int8 quantization for inference (`--quantize int8`).
+
+Glossary: M rows of input (batch x tokens), I in_features, O out_features, E experts.
+
+Why: decoding streams every weight once per step, so at small batch a step costs the bytes of the weights.
+Int8 weights are a quarter of fp32's bytes (half of bf16's). Each output row keeps one scale (symmetric,
+per-channel: w ~= q * s, q in [-127, 127], s = max|w_row| / 127), the scheme of llama.cpp's Q8_0 with one
+block per row instead of per 32 weights. Decode-sized products (a few rows) run in PyTorch's int8
+weight-only kernel `torch._weight_int8pack_mm`, which converts the int8 weights inside the kernel, so the
+bytes read per step are the int8 ones; larger products (prefill, big batches) dequantize the weight for one
+GEMM. Outputs keep the model's dtype. `int8_linear_reference` is the plain product a test holds both equal to.
+
+Quantized weights are not saved: quantizing is a load-time step for serving, like oneDNN packing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .packed import UNPACKED
+
+QMAX = 127
+# Rows (batch x tokens) up to which the int8 kernel multiplies; past it, the weight is dequantized for one GEMM.
+# The kernel reads each int8 weight once per row block: at 1 row it streams 17-20 GB/s of int8 (the read
+# bandwidth of the machine, four fp32 weights per byte-time) but at 32 rows only 1.3-1.5 GB/s, where
+# dequantize + GEMM is twice as fast (torch 2.13, 2 threads, Xeon with AVX-512, 768 x 3,072 and 768 x 50,280).
+KERNEL_MAX_ROWS = 8
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (..., O, I) -> q (..., O, I) int8 and scale (..., O) fp32 with w ~= q * scale[..., None]."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / QMAX  # (..., O)
+    q = torch.round(w / scale.unsqueeze(-1)).clamp(-QMAX, QMAX).to(torch.int8)  # (..., O, I)
+    return q, scale
+
+
+def kernel_takes(rows: int, in_features: int) -> bool:
+    """Whether `torch._weight_int8pack_mm` serves this product. It runs with bf16 activations: its fp32 path
+    streams at a tenth of the speed (2 GB/s), and its bf16 path returns garbage (or crashes) unless
+    in_features is a multiple of 16 (torch 2.13, checked against the reference for 16 to 1,536)."""
+    return rows <= KERNEL_MAX_ROWS and in_features % 16 == 0
+
+
+@torch.library.custom_op("aetheris::int8_mm", mutates_args=())
+def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x (M, I) bf16 @ (q * scale)^T -> (M, O) bf16. A custom op so that torch.compile calls the kernel as it is
+    (inductor's own lowering of it asserts on a fused input in torch 2.13)."""
+    return torch._weight_int8pack_mm(x.contiguous(), q, scale)
+
+
+@int8_mm.register_fake
+def _(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], q.shape[0]))  # (M, O)
+
+
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., I) @ (q * scale)^T + bias -> (..., O), in x's dtype. A few rows go through the int8 kernel in
+    bf16 (x and the output rounded to bf16, fp32 accumulation); more rows through the dequantized weight in
+    x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])  # (M, I)
+    if kernel_takes(x2.shape[0], shape[-1]):
+        y = int8_mm(x2.to(torch.bfloat16), q, scale.to(torch.bfloat16))  # (M, O)
+        y = y.to(x.dtype)
+    else:
+        y = F.linear(x2, (q.to(scale.dtype) * scale.unsqueeze(-1)).to(x.dtype))  # (M, O)
+    y = y.reshape(*shape[:-1], q.shape[0])  # (..., O)
+    return y if bias is None else y + bias
+
+
+def int8_linear_reference(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The same product the obvious way, in fp32 through the dequantized weight, with x and the output rounded
+    as the kernel path rounds them."""
+    if kernel_takes(x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1]):
+        w = q.float() * scale.to(torch.bfloat16).float().unsqueeze(-1)  # (O, I)
+        y = F.linear(x.to(torch.bfloat16).float(), w).to(torch.bfloat16)
+    else:
+        y = F.linear(x.float(), q.float() * scale.float().unsqueeze(-1))
+    return (y.to(x.dtype) if bias is None else y.to(x.dtype) + bias)
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 per-row weight; x (..., I) -> (..., O) in x's dtype."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_rows(linear.weight)
+        self.register_buffer("qweight", q)  # (O, I) int8
+        self.register_buffer("scale", scale.to(linear.weight.dtype))  # (O,)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_linear(x, self.qweight, self.scale, self.bias)  # (..., O)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Experts(nn.Module):
+    """A MoE layer's stacked expert weights (E, O, I) in int8 with per-row scales (E, O). Indexing gives
+    expert e's (q, scale) pair, which `int8_expert_linear` multiplies, so the MoE's grouped dispatch runs as
+    it does with packed or plain weights."""
+
+    def __init__(self, stacked: Tensor) -> None:
+        super().__init__()
+        q, scale = quantize_rows(stacked)
+        self.register_buffer("qweight", q)  # (E, O, I) int8
+        self.register_buffer("scale", scale.to(stacked.dtype))  # (E, O)
+
+    def __getitem__(self, e: int) -> tuple[Tensor, Tensor]:
+        return self.qweight[e], self.scale[e]
+
+
+def int8_expert_linear(x: Tensor, weight: tuple[Tensor, Tensor], bias: Tensor | None) -> Tensor:
+    return int8_linear(x, *weight, bias)
+
+
+def quantizable(model: nn.Module) -> bool:
+    """PyTorch's int8 weight-only kernel takes fp32, bf16 or fp16 activations on CPU and CUDA."""
+    return next(model.parameters()).dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> int:
+    """Replace every called nn.Linear (not those in packed.UNPACKED, which are read through `.weight` and are
+    small) by an Int8Linear, and every MoE layer's expert stacks by Int8Experts; returns how many Linear layers.
+    A head tied to the embeddings is quantized as a copy: the embedding lookup keeps the original."""
+    from .moe import MoE
+
+    if not quantizable(model):
+        raise ValueError("int8 quantization needs a float32, bfloat16 or float16 model")
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and name not in UNPACKED
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, Int8Linear(child))
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if getattr(moe, name) is not None:
+                experts = Int8Experts(getattr(moe, name))
+                delattr(moe, name)
+                setattr(moe, name, experts)
+        moe.linear = int8_expert_linear
+    return len(targets)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules())
