@@ -13,8 +13,13 @@ import torch
 from model.packed import PackedLinear, can_pack
 
 # Our engine as `python -m server` serves it with each flag: (pack weights for oneDNN, compile the decode step
-# and prefill scan). Packing is the default; plain F.linear is the reference path and what MKL alone gives.
-OURS = {"ours --compile": (True, True), "ours": (True, False), "ours --no-pack-weights": (False, False)}
+# and prefill scan, quantize to int8). Packed and compiled is the default; plain F.linear is what MKL gives.
+OURS = {
+    "ours": (True, True, False),
+    "ours --no-pack-weights": (False, True, False),
+    "ours --no-compile": (True, False, False),
+    "ours --quantize int8": (False, True, True),
+}
 
 
 def machine_line() -> str:

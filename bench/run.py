@@ -19,13 +19,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from aetheris.defaults import DEFAULT_MODEL_DIR as DEFAULT_MODEL  # noqa: E402
-from bench import common, ours  # noqa: E402
+from bench import common, ours, servers  # noqa: E402
 from bench import hf as hf_bench  # noqa: E402
 from bench import http_load as http_bench  # noqa: E402
+from bench import quantize as quantize_bench  # noqa: E402
 from bench.report import to_json, write  # noqa: E402
 from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.packed import NO_BF16_ENV, can_pack, pack_linears  # noqa: E402
+from model.quantized import quantize_int8  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"
@@ -35,9 +37,13 @@ class NotSupported(Exception):
     """This CPU (or toolchain) cannot run a configuration; the report marks it instead of measuring it."""
 
 
-def load_ours(path: Path, dtype: torch.dtype = torch.float32, pack: bool = True, compile: bool = True):
+def load_ours(
+    path: Path, dtype: torch.dtype = torch.float32, pack: bool = True, compile: bool = True, quantize: bool = False
+):
     model, tok = load_model(path, dtype=dtype)
-    if pack:
+    if quantize:
+        quantize_int8(model)
+    elif pack:
         if not can_pack(model):
             raise NotSupported(f"oneDNN weight packing in {dtype}: no bf16 instructions here, or {NO_BF16_ENV} is set")
         pack_linears(model)
@@ -79,6 +85,13 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> di
                 from bench import llamacpp
 
                 runs[("llama.cpp", name, b)] = (llamacpp.decode_tokens_per_s, str(gguf[dtype]), b, args.tokens)
+                if dtype == torch.float32:  # Q8_0 keeps fp32 activations, like our int8 rows of the fp32 model
+                    runs[("llama.cpp Q8_0", name, b)] = (
+                        llamacpp.decode_tokens_per_s,
+                        str(gguf["q8_0"]),
+                        b,
+                        args.tokens,
+                    )
             out.update(common.interleaved(n, runs))
             print({k: round(v["median"], 1) for k, v in out.items() if k[2] == b and k[1] == name}, flush=True)
     return out
@@ -86,7 +99,7 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> di
 
 def prefill_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> dict:
     out: dict = {}
-    variants = load_variants(hf_dir, torch.float32, ("ours --compile", "ours"), unsupported)
+    variants = load_variants(hf_dir, torch.float32, ("ours", "ours --no-compile"), unsupported)
     ref = hf_bench.load(hf_dir, torch.float32)
     for length in args.prefill:
         runs = {(system, length): (ours.prefill_tokens_per_s, model, length) for system, (model, _) in variants.items()}
@@ -100,7 +113,8 @@ def prefill_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> d
 
 
 def server_suite(args, hf_dir: Path) -> dict:
-    """Peak RSS with 1 and 32 live sequences, and 32 streaming clients vs the offline engine at batch 32."""
+    """Peak RSS with 1 and 32 live sequences, and 32 streaming clients vs the offline engine at batch 32 (with
+    the server's CPU seconds per token, which the clients' CPU on the same cores does not enter)."""
     from aetheris.serverproc import ServerProcess
 
     out = {}
@@ -110,7 +124,7 @@ def server_suite(args, hf_dir: Path) -> dict:
     try:
         http_bench.stream_clients(s.url, 1, 64)
         out["rss_1_mb"] = http_bench.peak_rss_mb(s.proc.pid)
-        out["http_32"] = http_bench.stream_clients(s.url, 32, args.tokens)
+        out["http_32"] = http_bench.stream_clients(s.url, 32, args.tokens, s.proc.pid)
         out["rss_32_mb"] = http_bench.peak_rss_mb(s.proc.pid)
     finally:
         s.stop()
@@ -140,6 +154,7 @@ def main() -> None:
             import llama_cpp  # noqa: F401
 
             gguf = {torch.float32: to_gguf(hf_dir, WORK, "f32"), torch.bfloat16: to_gguf(hf_dir, WORK, "bf16")}
+            gguf["q8_0"] = to_gguf(hf_dir, WORK, "q8_0")
         except ImportError:
             print("llama-cpp-python is not installed: llama.cpp columns skipped", flush=True)
     report = {
@@ -178,13 +193,33 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
         report["roofline"]["read_samples"].append(common.read_bandwidth())
 
     def latency():
-        model, tok = load_ours(hf_dir, compile="ours --compile / float32" not in unsupported)
+        model, tok = load_ours(hf_dir, compile="ours / float32" not in unsupported)
         report["latency"] = {pos: ours.decode_latency_at(model, pos) for pos in (100, args.far)}
-        report["offline_32"] = ours.decode_tokens_per_s(model, tok, 32, args.tokens) if 32 in args.batches else None
+        if 32 in args.batches:
+            cpu = time.process_time()
+            report["offline_32"] = ours.decode_tokens_per_s(model, tok, 32, args.tokens)
+            report["offline_32_cpu_s_per_token"] = (time.process_time() - cpu) / (32 * args.tokens)
 
     def default_model():
-        model, tok = load_ours(DEFAULT_MODEL, compile="ours --compile / float32" not in unsupported)
-        report["default_model"] = {b: ours.decode_tokens_per_s(model, tok, b, args.tokens) for b in args.batches}
+        """The MoE default model as served (experts packed), with its experts left unpacked (before packing
+        them), and in int8; decode tokens/s per batch."""
+        compile = "ours / float32" not in unsupported
+        report["default_model"] = {}
+        for name, pack, quantize in (
+            ("experts packed", "all", False),
+            ("experts unpacked", "dense", False),
+            ("int8", None, True),
+        ):
+            model, tok = load_model(DEFAULT_MODEL)
+            if quantize:
+                quantize_int8(model)
+            elif pack:
+                pack_linears(model, experts=pack == "all")
+            if compile:
+                model.compile_inference()
+            report["default_model"][name] = {
+                b: ours.decode_tokens_per_s(model, tok, b, args.tokens) for b in args.batches
+            }
 
     return [
         ("roofline", roofline),
@@ -194,6 +229,8 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
         ("memory", lambda: report.update(memory=memory_figures(load_model(hf_dir)[0]))),  # unpacked weights
         ("default_model", default_model),
         ("server", lambda: report.update(server=server_suite(args, hf_dir))),
+        ("servers", lambda: report.update(servers=servers.compare(hf_dir, gguf and gguf[torch.float32]))),
+        ("int8 quality", lambda: report.update(quality=quantize_bench.run(hf_dir=hf_dir))),
     ]
 
 

@@ -83,9 +83,9 @@ def can_pack(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, experts: bool = True) -> int:
     """Replace every called nn.Linear of `model` (not those in UNPACKED) by a PackedLinear, and pack MoE experts
-    (PackedExperts); returns how many Linear layers were packed.
+    (PackedExperts) unless `experts` is False (the benchmark's before/after); returns how many Linear layers.
 
     A weight tied to the embeddings is packed as a copy: the embedding lookup keeps the original."""
     if not can_pack(model):
@@ -98,7 +98,8 @@ def pack_linears(model: nn.Module) -> int:
     ]
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
-    pack_experts(model)
+    if experts:
+        pack_experts(model)
     return len(targets)
 
 

@@ -80,7 +80,7 @@ def int8_linear_reference(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | No
         y = F.linear(x.to(torch.bfloat16).float(), w).to(torch.bfloat16)
     else:
         y = F.linear(x.float(), q.float() * scale.float().unsqueeze(-1))
-    return (y.to(x.dtype) if bias is None else y.to(x.dtype) + bias)
+    return y.to(x.dtype) if bias is None else y.to(x.dtype) + bias
 
 
 class Int8Linear(nn.Module):

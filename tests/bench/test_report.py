@@ -41,3 +41,46 @@ def test_json_round_trip(tmp_path):
     back = load(tmp_path / "results.json")
     assert back["decode"] == run["decode"] and back["unsupported"] == run["unsupported"]
     assert json.loads(to_json(back)) == json.loads(to_json(run))
+
+
+def full_run() -> dict:
+    stat = lambda x: {"median": x, "min": x, "max": x}  # noqa: E731
+    run = partial_run()
+    run["unsupported"], run["failed"] = {}, {}
+    run["args"]["batches"] = [1]
+    run["decode"] = {
+        (s, "float32", 1): stat(v)
+        for s, v in [("ours", 40.0), ("llama.cpp", 50.0), ("ours --quantize int8", 60.0), ("llama.cpp Q8_0", 50.0)]
+    }
+    run["decode"][("ours", "bfloat16", 1)] = stat(70.0)
+    run["decode"][("llama.cpp", "bfloat16", 1)] = stat(70.0)
+    run["memory"] = {"state_bytes": 2**20, "kv_bytes": {4096: 2**30, 32768: 2**33}, "weight_bytes": 6e8}
+    http = {"tokens_per_s": 500.0, "steady_tokens_per_s": 550.0, "ttft_p50_ms": 90.0, "itl_p50_ms": 50.0}
+    run["server"] = {"rss_1_mb": 900, "rss_32_mb": 950, "http_32": {**http, "itl_p99_ms": 99.0}}
+    run["server"]["http_32"]["server_cpu_s_per_token"] = 0.004
+    run["offline_32"], run["offline_32_cpu_s_per_token"] = 600.0, 0.0036
+    run["servers"] = {"ours": {1: {**http, "tokens_per_s": 41.0}}, "llama-cpp-python": {1: http}}
+    run["default_model"] = {"experts packed": {1: 400.0}, "experts unpacked": {1: 300.0}}
+    run["quality"] = {
+        "default_model": {"tokens": 100, "fp32": 10.0, "int8": 10.05},
+        "mamba_130m": {
+            "prompts": 2,
+            "new_tokens": 4,
+            "int8": {"top1_agreement": 0.5, "identical_continuations": 0},
+            "bf16": {"top1_agreement": 0.25, "identical_continuations": 0},
+        },
+    }
+    return run
+
+
+def test_full_run_checks_the_targets_against_llama_cpp(tmp_path):
+    write(full_run(), tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| batch 1 float32 vs llama.cpp | 0.80x | >= 1x | NOT met |" in md
+    assert "| batch 1 bfloat16 vs llama.cpp | 1.00x | >= 1x | met |" in md
+    assert "| batch 1 fp32, share of the read-bandwidth roofline | 0.80 | >= 0.8 | met |" in md  # 40 x 0.6 GB / 30
+    assert "| batch 1 int8 vs llama.cpp Q8_0 (no goal set) | 1.20x |" in md
+    assert "offline CPU s/token over the server's | 0.90x | >= 0.85x | met |" in md
+    assert "| ours | 41.0, 90 ms |" in md and "| llama-cpp-python | 500.0, 90 ms |" in md
+    assert "- experts unpacked: batch 1: 300" in md and "(+0.50%)" in md
+    assert load(tmp_path / "results.json")["default_model"] == full_run()["default_model"]  # int keys come back

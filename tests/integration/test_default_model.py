@@ -13,6 +13,7 @@ import pytest
 from aetheris.defaults import DEFAULT_MODEL_DIR as DEFAULT
 from aetheris.serverproc import ServerProcess
 from model.checkpoint import load_model
+from model.quantized import quantize_int8
 from tests.helpers import greedy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +90,15 @@ def test_fast_paths_tell_the_same_story():
     plain, log = _story("--no-pack-weights")
     assert "packed" not in log, log
     assert compiled == packed == plain
+
+
+def test_int8_server_serves_the_quantized_model():
+    """--quantize int8: the server's greedy story is the in-process int8 model's, token for token."""
+    story, log = _story("--quantize", "int8")
+    assert "quantized 13 Linear layers and the MoE experts to int8" in log, log
+    model, tok = load_model(DEFAULT)
+    quantize_int8(model)
+    assert story == greedy(model, tok, tok.encode_chat(STORY_PROMPT), 60)
 
 
 def test_aetheris_serve_takes_the_server_options():
