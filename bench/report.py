@@ -94,6 +94,7 @@ def targets(r: dict) -> list[str]:
 
 
 def _intro(r: dict) -> list[str]:
+    packs = "except on Intel CPUs" + (" (this CPU: packed)" if r.get("default_packs") else " (this CPU: not packed)")
     return [
         "# Benchmarks",
         "",
@@ -101,10 +102,10 @@ def _intro(r: dict) -> list[str]:
         f"median of {r['args']['repeats']} runs (min-max). Weights: random HF MambaForCausalLM, hidden 768, "
         f"24 layers, vocab 50280 (mamba-130m size); llama.cpp runs the GGUF f32 / bf16 converted from it. Greedy, "
         f"{r['args']['tokens']} new tokens after a 16-token prompt; batch = concurrent sequences. Our engine "
-        f"runs as `python -m server` would with each flag: `ours` the default (Linear weights packed for oneDNN, "
-        f"decode step and prefill scan compiled), `ours --no-pack-weights` compiled with plain F.linear (MKL), "
-        f"`ours --no-compile` packed and eager, `ours --quantize int8` int8 weights (compiled); llama.cpp Q8_0 "
-        f"is the GGUF quantized by its converter. Systems run round-robin within each repeat.",
+        f"runs as `python -m server` would with each flag: `ours` the default (decode step and prefill scan "
+        f"compiled; Linear weights packed for oneDNN {packs}), `--pack-weights` / `--no-pack-weights` forcing "
+        f"oneDNN packing or plain F.linear (MKL), `--no-compile` eager, `--quantize int8` int8 weights (compiled); "
+        f"llama.cpp Q8_0 is the GGUF quantized by its converter. Systems run round-robin within each repeat.",
         "",
     ]
 

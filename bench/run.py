@@ -26,7 +26,7 @@ from bench import quantize as quantize_bench  # noqa: E402
 from bench.report import to_json, write  # noqa: E402
 from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.packed import NO_BF16_ENV, can_pack, pack_linears  # noqa: E402
+from model.packed import NO_BF16_ENV, can_pack, pack_linears, packing_pays_here  # noqa: E402
 from model.quantized import quantize_int8  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -38,9 +38,14 @@ class NotSupported(Exception):
 
 
 def load_ours(
-    path: Path, dtype: torch.dtype = torch.float32, pack: bool = True, compile: bool = True, quantize: bool = False
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    pack: bool | None = None,
+    compile: bool = True,
+    quantize: bool = False,
 ):
     model, tok = load_model(path, dtype=dtype)
+    pack = packing_pays_here() if pack is None else pack
     if quantize:
         quantize_int8(model)
     elif pack:
@@ -73,7 +78,7 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> di
     n = args.repeats
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[1]
-        variants = load_variants(hf_dir, dtype, common.OURS, unsupported)
+        variants = load_variants(hf_dir, dtype, common.distinct_systems(), unsupported)
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
             runs = {
@@ -164,6 +169,7 @@ def main() -> None:
         "command": " ".join(["python bench/run.py", *sys.argv[1:]]),
         "unsupported": {},
         "failed": {},
+        "default_packs": packing_pays_here(),
     }
     for name, stage in stages(args, hf_dir, gguf, report):
         try:

@@ -19,7 +19,7 @@ import torch
 from fastapi import FastAPI
 
 from model.checkpoint import load_model
-from model.packed import can_pack, pack_linears
+from model.packed import can_pack, pack_linears, packing_pays_here
 from model.quantized import quantize_int8
 
 from .core import CoreConfig
@@ -54,8 +54,13 @@ def _speed_up(model, settings: Settings, metrics: Metrics) -> None:
     cannot, or fails, the eager path serves, after one warning."""
     if settings.quantize == "int8":
         log.info("quantized %d Linear layers and the MoE experts to int8", quantize_int8(model))
-    elif settings.pack_weights and can_pack(model):
-        log.info("packed %d Linear layers for oneDNN", pack_linears(model))
+    elif can_pack(model):
+        pack = settings.pack_weights if settings.pack_weights is not None else packing_pays_here()
+        if pack:
+            log.info("packed %d Linear layers for oneDNN", pack_linears(model))
+        else:
+            why = "--no-pack-weights" if settings.pack_weights is False else "MKL is faster at batch 1 on Intel CPUs"
+            log.info("Linear layers left to F.linear (%s)", why)
     compiled = False
     if settings.compile and (why := missing_compiler(model.embeddings.weight.device)):
         log.warning("not compiling: %s; serving the eager path (install g++, or pass --no-compile)", why)

@@ -13,6 +13,7 @@ import pytest
 from aetheris.defaults import DEFAULT_MODEL_DIR as DEFAULT
 from aetheris.serverproc import ServerProcess
 from model.checkpoint import load_model
+from model.packed import packing_pays_here
 from model.quantized import quantize_int8
 from tests.helpers import greedy
 
@@ -82,14 +83,17 @@ def test_server_defaults_to_the_embedded_model(default_model):
 
 
 def test_fast_paths_tell_the_same_story():
-    """Packed weights (the default), packed + compiled, and plain F.linear: the same greedy text end to end."""
-    packed, log = _story()
+    """The default (packed except on Intel CPUs), packed, packed + compiled, and plain F.linear: the same greedy
+    text end to end."""
+    default, log = _story()
+    assert ("packed 13 Linear layers" in log) == packing_pays_here(), log
+    packed, log = _story("--pack-weights")
     assert "packed 13 Linear layers" in log, log  # 3 per mixer x 4 + the head; MoE experts and routers stay
-    compiled, log = _story("--compile", timeout=600)
+    compiled, log = _story("--pack-weights", "--compile", timeout=600)
     assert "compiled the decode step and the prefill scan" in log, log
     plain, log = _story("--no-pack-weights")
-    assert "packed" not in log, log
-    assert compiled == packed == plain
+    assert "Linear layers left to F.linear (--no-pack-weights)" in log, log
+    assert compiled == packed == plain == default
 
 
 def test_int8_server_serves_the_quantized_model():
