@@ -109,6 +109,15 @@ def mixer_residual_step(block: Block, h: Tensor, state: dict[str, Tensor]) -> Te
     return h + block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), state) * block.residual_multiplier
 
 
+def blocks_step(blocks: tuple[Block, ...], h: Tensor, states: tuple[dict[str, Tensor], ...]) -> Tensor:
+    """`mixer_residual_step` through consecutive layers that have no feed-forward part: compiled, a run of them
+    is one graph (one guard check and one call a step instead of one per layer; 24 Mamba layers of the 130m-size
+    model: 33.0 vs 36.5 ms a batch-1 step). Layers' states are separate tensors, so no two inputs alias."""
+    for block, state in zip(blocks, states):
+        h = mixer_residual_step(block, h, state)
+    return h
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -119,6 +128,7 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self._mixer_step = None  # the compiled decode step, once compile_inference() ran
+        self._blocks_step = None  # its twin over runs of layers without feed-forward (blocks_step)
         self._init_weights()
         self.tie_weights()
 
@@ -230,10 +240,26 @@ class HybridLM(nn.Module):
         elif out is not state:
             out.copy_rows_(slice(None), state)
         h = self._embed(tokens)  # (B, D)
-        for block, layer_state in zip(self.layers, out.layers):
-            compiled = self._mixer_step if getattr(block.mixer, "COMPILE_STEP", False) else None
-            h = block.step(h, layer_state, compiled)
+        for start, end in self._decode_runs():
+            blocks = self.layers[start:end]
+            if end - start > 1:  # a run of layers that is one compiled graph
+                h = self._blocks_step(tuple(blocks), h, tuple(out.layers[start:end]))
+                continue
+            compiled = self._mixer_step if getattr(blocks[0].mixer, "COMPILE_STEP", False) else None
+            h = blocks[0].step(h, out.layers[start], compiled)
         return self._logits(h), out
+
+    def _decode_runs(self) -> list[tuple[int, int]]:
+        """[start, end) layer ranges the decode step goes through: once compile_inference() ran, maximal runs of
+        layers with a compiled mixer and no feed-forward; every other layer alone."""
+        runs: list[list] = []
+        for i, block in enumerate(self.layers):
+            fused = self._blocks_step is not None and block.ffn is None and getattr(block.mixer, "COMPILE_STEP", False)
+            if fused and runs and runs[-1][2]:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1, fused])
+        return [(start, end) for start, end, _ in runs]
 
     def compile_inference(self) -> None:
         """torch.compile the two inference hot loops, and compile them now so the first requests do not wait:
@@ -241,7 +267,7 @@ class HybridLM(nn.Module):
         data-dependent shapes, stay eager) and prefill's scan chunk (scan.py); decode at batch 1 (specialised)
         and batch 2 (which makes the batch dimension dynamic). Raises if compilation fails (e.g. no C++
         compiler), leaving the eager paths in place."""
-        self._use_compiled(torch.compile(mixer_residual_step), torch.compile(scan_chunk))
+        self._use_compiled(torch.compile(mixer_residual_step), torch.compile(scan_chunk), torch.compile(blocks_step))
         device = self.embeddings.weight.device
         try:  # warm up as the engine calls: decode in place into the pool, prefill chunk after chunk
             for batch in (1, 2):
@@ -250,12 +276,12 @@ class HybridLM(nn.Module):
             _, state = self.prefill(torch.zeros(1, 3, dtype=torch.long, device=device), self.empty_state(1))
             self.prefill(torch.zeros(1, 3, dtype=torch.long, device=device), state)
         except Exception:
-            self._use_compiled(None, None)
+            self._use_compiled(None, None, None)
             raise
 
-    def _use_compiled(self, mixer_step, scan_chunk) -> None:
-        """Decode through `mixer_step` and prefill through `scan_chunk` (None: the eager paths)."""
-        self._mixer_step = mixer_step
+    def _use_compiled(self, mixer_step, scan_chunk, blocks_step) -> None:
+        """Decode through `mixer_step` and `blocks_step` and prefill through `scan_chunk` (None: eager)."""
+        self._mixer_step, self._blocks_step = mixer_step, blocks_step
         for block in self.layers:
             if hasattr(block.mixer, "scan_chunk"):
                 block.mixer.scan_chunk = scan_chunk
