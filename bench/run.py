@@ -242,7 +242,7 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
 
 def memory_figures(model) -> dict:
     cfg = model.config
-    state = model.empty_state(1).bytes_per_sequence()
+    state = model.empty_state(1).bytes_per_sequence()["fixed"]  # a pure SSM: nothing grows with the length
     kv = {n: 2 * cfg.n_layers * cfg.d_model * n * 4 for n in (4096, 32768)}  # K and V, fp32, same width
     return {
         "state_bytes": state,
