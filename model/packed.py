@@ -97,6 +97,17 @@ def can_pack(model: nn.Module) -> bool:
     return p.device.type == "cpu" and packable_dtype(p.dtype)
 
 
+def called_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, layer) for every nn.Linear that is called (not one in UNPACKED): what load-time rewrites
+    (packing, int8) replace."""
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and name not in UNPACKED
+    ]
+
+
 @torch.no_grad()
 def pack_linears(model: nn.Module, experts: bool = True) -> int:
     """Replace every called nn.Linear of `model` (not those in UNPACKED) by a PackedLinear, and pack MoE experts
@@ -105,12 +116,7 @@ def pack_linears(model: nn.Module, experts: bool = True) -> int:
     A weight tied to the embeddings is packed as a copy: the embedding lookup keeps the original."""
     if not can_pack(model):
         raise ValueError("weight packing needs a CPU model in float32 or bfloat16 (bf16: a CPU with bf16 support)")
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and name not in UNPACKED
-    ]
+    targets = called_linears(model)
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
     if experts:

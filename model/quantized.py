@@ -5,7 +5,7 @@ Glossary: M rows of input (batch x tokens), I in_features, O out_features, E exp
 Why: decoding streams every weight once per step, so at small batch a step costs the bytes of the weights.
 Int8 weights are a quarter of fp32's bytes (half of bf16's). Each output row keeps one scale (symmetric,
 per-channel: w ~= q * s, q in [-127, 127], s = max|w_row| / 127), the scheme of llama.cpp's Q8_0 with one
-block per row instead of per 32 weights. Decode-sized products (a few rows) run in PyTorch's int8
+block per row instead of per 32 weights. Decode-sized products (up to 64 rows) run in PyTorch's int8
 weight-only kernel `torch._weight_int8pack_mm`, which converts the int8 weights inside the kernel, so the
 bytes read per step are the int8 ones; larger products (prefill, big batches) dequantize the weight for one
 GEMM. Outputs keep the model's dtype. `int8_linear_reference` is the plain product a test holds both equal to.
@@ -20,14 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .packed import UNPACKED
+from .packed import called_linears
 
 QMAX = 127
 # Rows (batch x tokens) up to which the int8 kernel multiplies; past it, the weight is dequantized for one GEMM.
-# The kernel reads each int8 weight once per row block: at 1 row it streams 17-20 GB/s of int8 (the read
-# bandwidth of the machine, four fp32 weights per byte-time) but at 32 rows only 1.3-1.5 GB/s, where
-# dequantize + GEMM is twice as fast (torch 2.13, 2 threads, Xeon with AVX-512, 768 x 3,072 and 768 x 50,280).
-KERNEL_MAX_ROWS = 8
+# Measured (torch 2.13, 2 threads, Xeon with AVX-512; 3,072 x 768 / 768 x 1,536 / 50,280 x 768): at 32 rows the
+# kernel takes 1.7 / 0.7 / 48 ms against 2.9 / 1.6 / 140 ms dequantized, at 64 rows 3.0 / 1.5 / 105 against
+# 3.5 / 1.4 / 132, at 128 rows 6.1 / 2.9 / 129 against 3.7 / 1.9 / 147: decode batches take the kernel, prefill
+# chunks the GEMM.
+KERNEL_MAX_ROWS = 64
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,25 +122,20 @@ def int8_expert_linear(x: Tensor, weight: tuple[Tensor, Tensor], bias: Tensor | 
 
 
 def quantizable(model: nn.Module) -> bool:
-    """PyTorch's int8 weight-only kernel takes fp32, bf16 or fp16 activations on CPU and CUDA."""
+    """The model dtypes the int8 path serves: its output keeps the model's dtype."""
     return next(model.parameters()).dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> int:
-    """Replace every called nn.Linear (not those in packed.UNPACKED, which are read through `.weight` and are
+    """Replace every called nn.Linear (packed.called_linears: those read through `.weight` stay, and are
     small) by an Int8Linear, and every MoE layer's expert stacks by Int8Experts; returns how many Linear layers.
     A head tied to the embeddings is quantized as a copy: the embedding lookup keeps the original."""
     from .moe import MoE
 
     if not quantizable(model):
         raise ValueError("int8 quantization needs a float32, bfloat16 or float16 model")
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and name not in UNPACKED
-    ]
+    targets = called_linears(model)
     for parent, name, child in targets:
         setattr(parent, name, Int8Linear(child))
     for moe in (m for m in model.modules() if isinstance(m, MoE)):

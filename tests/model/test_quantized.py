@@ -34,9 +34,9 @@ def test_rows_round_to_within_half_a_step():
 def test_int8_linear_equals_reference(dtype, bias, in_features):
     linear = torch.nn.Linear(in_features, 40, bias=bias).to(dtype)
     layer = Int8Linear(linear)
-    for shape in [(in_features,), (1, in_features), (5, in_features), (2, 3, in_features), (40, in_features)]:
+    for shape in [(in_features,), (1, in_features), (5, in_features), (2, 3, in_features), (80, in_features)]:
         x = torch.randn(shape, dtype=dtype)
-        got = layer(x)  # 1-8 rows: the int8 kernel where it applies; 40 rows: dequantize + GEMM
+        got = layer(x)  # up to 64 rows: the int8 kernel where it applies; 80 rows: dequantize + GEMM
         assert got.shape == (*shape[:-1], 40) and got.dtype == dtype
         torch.testing.assert_close(got, int8_linear_reference(x, layer.qweight, layer.scale, layer.bias), **TOL[dtype])
         # and it approximates the original weights to int8's precision
@@ -44,14 +44,14 @@ def test_int8_linear_equals_reference(dtype, bias, in_features):
 
 
 def test_kernel_serves_decode_sized_products():
-    assert kernel_takes(1, 768) and kernel_takes(8, 768)
-    assert not kernel_takes(9, 768) and not kernel_takes(1, 72)
+    assert kernel_takes(1, 768) and kernel_takes(64, 768)
+    assert not kernel_takes(65, 768) and not kernel_takes(1, 72)
 
 
 def test_inside_torch_compile():
     layer = Int8Linear(torch.nn.Linear(32, 16))
     fn = torch.compile(lambda x: torch.nn.functional.silu(layer(x * 2)) + 1)
-    for batch in (1, 5, 12):
+    for batch in (1, 5, 70):
         x = torch.randn(batch, 32)
         want = torch.nn.functional.silu(int8_linear_reference(x * 2, layer.qweight, layer.scale, layer.bias)) + 1
         torch.testing.assert_close(fn(x), want, **TOL[torch.float32])
@@ -68,8 +68,8 @@ def copies(layout, dtype, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_quantized_model_equals_its_reference(layout, dtype, monkeypatch):
-    """The quantized model against itself with every int8 product computed by the reference, prefill (18 rows:
-    dequantize + GEMM) and decode (2 rows: the kernel); and not far from the unquantized model."""
+    """The quantized model against itself with every int8 product computed by the reference, prefill and decode
+    (2 rows: the kernel); and not far from the unquantized model."""
     original, model = copies(layout, dtype, 2)
     n = quantize_int8(model)
     assert n == sum(isinstance(m, Int8Linear) for m in model.modules()) > 0 and isinstance(model.lm_head, Int8Linear)
@@ -78,13 +78,15 @@ def test_quantized_model_equals_its_reference(layout, dtype, monkeypatch):
 
     def run(m, tokens, steps=3):
         logits, state = m.prefill(tokens, m.empty_state(2), all_logits=True)
-        out, state = [logits], state.with_capacity(16)
+        out, state = [logits], state.with_capacity(tokens.shape[1] + steps)
         for _ in range(steps):
             logits, state = m.decode(out[-1][:, -1].argmax(-1) if out[-1].dim() == 3 else out[-1].argmax(-1), state)
             out.append(logits)
         return out
 
-    tokens = torch.randint(0, 97, (2, 9))
+    # fp32: 2 x 40 prompt rows take the dequantized GEMM; bf16 keeps to 2 x 9 (kernel): over longer prompts its
+    # rounding flips top-1 MoE routing somewhere, which the unit test above does not need to survive
+    tokens = torch.randint(0, 97, (2, 40 if dtype == torch.float32 else 9))
     got = run(model, tokens)
     with monkeypatch.context() as mp:
         mp.setattr("model.quantized.int8_linear", int8_linear_reference)
