@@ -1,6 +1,7 @@
 """The servers as users run them: ours (`python -m server`, its defaults) and llama-cpp-python's OpenAI server
 (`python -m llama_cpp.server`) on the same weights (safetensors for ours, the GGUF converted from them for
-it), through HTTP with 1, 8 and 32 concurrent streaming clients: tokens/s and time to first token."""
+it), through HTTP with 1, 8 and 32 concurrent streaming clients: tokens/s and time to first token. The peer
+needs `pip install "llama-cpp-python[server]"` (its server's extra dependencies)."""
 
 from __future__ import annotations
 
