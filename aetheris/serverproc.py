@@ -80,10 +80,15 @@ class ServerProcess:
         return out
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        stop_process(self.proc, self.log)
+
+
+def stop_process(proc: subprocess.Popen, log) -> None:
+    """Terminate (kill after 10 s) a server process and remove its log file."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    Path(log.name).unlink(missing_ok=True)

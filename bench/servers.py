@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from aetheris.serverproc import ROOT, ServerProcess, free_port
+from aetheris.serverproc import ROOT, ServerProcess, free_port, stop_process
 from bench import http_load
 
 
@@ -41,13 +41,7 @@ class LlamaCppServer:
         raise TimeoutError("llama_cpp.server did not start")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        stop_process(self.proc, self.log)
 
 
 def compare(hf_dir: Path, gguf: Path | None, clients=(1, 8, 32), tokens: int = 64) -> dict:

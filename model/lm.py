@@ -129,6 +129,7 @@ class HybridLM(nn.Module):
         self.gradient_checkpointing = False
         self._mixer_step = None  # the compiled decode step, once compile_inference() ran
         self._blocks_step = None  # its twin over runs of layers without feed-forward (blocks_step)
+        self._runs = self._decode_runs()
         self._init_weights()
         self.tie_weights()
 
@@ -240,7 +241,7 @@ class HybridLM(nn.Module):
         elif out is not state:
             out.copy_rows_(slice(None), state)
         h = self._embed(tokens)  # (B, D)
-        for start, end in self._decode_runs():
+        for start, end in self._runs:
             blocks = self.layers[start:end]
             if end - start > 1:  # a run of layers that is one compiled graph
                 h = self._blocks_step(tuple(blocks), h, tuple(out.layers[start:end]))
@@ -282,6 +283,7 @@ class HybridLM(nn.Module):
     def _use_compiled(self, mixer_step, scan_chunk, blocks_step) -> None:
         """Decode through `mixer_step` and `blocks_step` and prefill through `scan_chunk` (None: eager)."""
         self._mixer_step, self._blocks_step = mixer_step, blocks_step
+        self._runs = self._decode_runs()
         for block in self.layers:
             if hasattr(block.mixer, "scan_chunk"):
                 block.mixer.scan_chunk = scan_chunk

@@ -150,16 +150,22 @@ class PackedExperts(nn.Module):
 def pack_experts(model: nn.Module) -> int:
     """Pack the expert weights of every MoE layer (their gate/up/down stacks); returns how many layers. The fp32
     stacks are replaced, so a packed model holds each weight once."""
+    return replace_experts(model, PackedExperts, packed_linear)
+
+
+def replace_experts(model: nn.Module, wrap, linear) -> int:
+    """Replace every MoE layer's gate/up/down stacks by `wrap(stack)` and its expert product by `linear`
+    (called as linear(x, experts[e], None)); returns how many layers. The load-time rewrites share it."""
     from .moe import MoE
 
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in layers:
         for name in ("gate_proj", "up_proj", "down_proj"):
             if getattr(moe, name) is not None:
-                packed = PackedExperts(getattr(moe, name))
+                wrapped = wrap(getattr(moe, name))
                 delattr(moe, name)
-                setattr(moe, name, packed)
-        moe.linear = packed_linear
+                setattr(moe, name, wrapped)
+        moe.linear = linear
     return len(layers)
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .packed import called_linears
+from .packed import called_linears, replace_experts
 
 QMAX = 127
 # Rows (batch x tokens) up to which the int8 kernel multiplies; past it, the weight is dequantized for one GEMM.
@@ -131,20 +131,12 @@ def quantize_int8(model: nn.Module) -> int:
     """Replace every called nn.Linear (packed.called_linears: those read through `.weight` stay, and are
     small) by an Int8Linear, and every MoE layer's expert stacks by Int8Experts; returns how many Linear layers.
     A head tied to the embeddings is quantized as a copy: the embedding lookup keeps the original."""
-    from .moe import MoE
-
     if not quantizable(model):
         raise ValueError("int8 quantization needs a float32, bfloat16 or float16 model")
     targets = called_linears(model)
     for parent, name, child in targets:
         setattr(parent, name, Int8Linear(child))
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if getattr(moe, name) is not None:
-                experts = Int8Experts(getattr(moe, name))
-                delattr(moe, name)
-                setattr(moe, name, experts)
-        moe.linear = int8_expert_linear
+    replace_experts(model, Int8Experts, int8_expert_linear)
     return len(targets)
 
 

@@ -91,13 +91,12 @@ def sample(logits: Tensor, s: SamplingBatch) -> Tensor:
 def top_logprobs(logprobs: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """logprobs (B, V) -> chosen logprob (B,), top-k values (B, K) and ids (B, K). Tokens a grammar or a bias
     forbids (-inf) report -9999.0, as vLLM does: JSON has no infinity."""
-    logprobs = logprobs.clamp(min=-9999.0)
-    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).clamp(min=-9999.0)
     if k <= 0:
         empty = logprobs.new_zeros(logprobs.shape[0], 0)
         return chosen_lp, empty, empty.long()
     vals, ids = logprobs.topk(k, dim=-1)
-    return chosen_lp, vals, ids
+    return chosen_lp, vals.clamp(min=-9999.0), ids
 
 
 def sampleable_vocab(model_vocab: int, tokenizer_vocab: int) -> int:
