@@ -96,7 +96,8 @@ def targets(r: dict) -> list[str]:
 
 
 def _intro(r: dict) -> list[str]:
-    packs = "except on Intel CPUs" + (" (this CPU: packed)" if r.get("default_packs") else " (this CPU: not packed)")
+    fp32_packed = (r.get("default_packs") or {}).get("float32")
+    packs = f"in bf16, and in fp32 except on Intel CPUs (this CPU: fp32 {'' if fp32_packed else 'not '}packed)"
     return [
         "# Benchmarks",
         "",

@@ -45,7 +45,7 @@ def load_ours(
     quantize: bool = False,
 ):
     model, tok = load_model(path, dtype=dtype)
-    pack = packing_pays_here() if pack is None else pack
+    pack = packing_pays_here(dtype) if pack is None else pack
     if quantize:
         quantize_int8(model)
     elif pack:
@@ -78,7 +78,7 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> di
     n = args.repeats
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[1]
-        variants = load_variants(hf_dir, dtype, common.distinct_systems(), unsupported)
+        variants = load_variants(hf_dir, dtype, common.distinct_systems(dtype), unsupported)
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
             runs = {
@@ -169,7 +169,7 @@ def main() -> None:
         "command": " ".join(["python bench/run.py", *sys.argv[1:]]),
         "unsupported": {},
         "failed": {},
-        "default_packs": packing_pays_here(),
+        "default_packs": {"float32": packing_pays_here(torch.float32), "bfloat16": packing_pays_here(torch.bfloat16)},
     }
     for name, stage in stages(args, hf_dir, gguf, report):
         try:

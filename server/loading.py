@@ -55,11 +55,13 @@ def _speed_up(model, settings: Settings, metrics: Metrics) -> None:
     if settings.quantize == "int8":
         log.info("quantized %d Linear layers and the MoE experts to int8", quantize_int8(model))
     elif can_pack(model):
-        pack = settings.pack_weights if settings.pack_weights is not None else packing_pays_here()
+        pack = settings.pack_weights
+        if pack is None:
+            pack = packing_pays_here(model.embeddings.weight.dtype)
         if pack:
             log.info("packed %d Linear layers for oneDNN", pack_linears(model))
         else:
-            why = "--no-pack-weights" if settings.pack_weights is False else "MKL is faster at batch 1 on Intel CPUs"
+            why = "--no-pack-weights" if settings.pack_weights is False else "MKL's fp32 GEMV is faster on Intel CPUs"
             log.info("Linear layers left to F.linear (%s)", why)
     compiled = False
     if settings.compile and (why := missing_compiler(model.embeddings.weight.device)):

@@ -84,8 +84,9 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
     pack_weights: bool | None = Field(
         None,
-        description="CPU: pack Linear weights in oneDNN's layout at load (off: F.linear through MKL). Unset: packed "
-        "except on Intel CPUs, where MKL's own kernels decode batch 1 faster (AMD: packing is about 2x faster)",
+        description="CPU: pack Linear weights in oneDNN's layout at load (off: F.linear through MKL). Unset: bf16 "
+        "packed; fp32 packed except on Intel CPUs, where MKL's own fp32 kernels decode batch 1 faster (AMD: packing "
+        "is about 2x faster)",
     )
     quantize: str = Field(
         "none",
