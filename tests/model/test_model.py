@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import HybridLM, ModelConfig, preset
 from model.packed import pack_linears
@@ -187,6 +188,22 @@ def test_decode_in_place_equals_fresh_state(layout):
     logits, same = model.decode(tokens, state, out=state)
     assert same is state and torch.equal(logits, fresh_logits)
     assert_states_close(state, fresh, tol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_batch1_dt_proj_is_fused_and_equals_linear(dtype):
+    """The compiled batch-1 decode step computes dt_proj as a product and sum that inductor fuses (no GEMM call
+    left in the generated code); batch 3 keeps the GEMM. Both equal F.linear, the reference."""
+    from torch._inductor.utils import run_and_get_code
+
+    mixer = tiny("mamba").cast(dtype).layers[0].mixer
+    fn = torch.compile(mixer._dt_proj, dynamic=False)
+    for batch, fused in ((1, True), (3, False)):
+        dt = torch.randn(batch, mixer.dt_rank).to(dtype)
+        got, code = run_and_get_code(fn, dt)
+        assert ("extern_kernels.mm(" not in "".join(code)) == fused
+        want = F.linear(dt, mixer.dt_proj.weight)
+        torch.testing.assert_close(got, want, **({} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
 
 
 @pytest.mark.parametrize("packed", [False, True])
