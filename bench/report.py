@@ -97,7 +97,10 @@ def targets(r: dict) -> list[str]:
 
 def _intro(r: dict) -> list[str]:
     fp32_packed = (r.get("default_packs") or {}).get("float32")
-    packs = f"in bf16, and in fp32 except on Intel CPUs (this CPU: fp32 {'' if fp32_packed else 'not '}packed)"
+    packs = (
+        "in bf16 where the CPU has bf16 instructions, and in fp32 except on Intel CPUs "
+        f"(this CPU: fp32 {'' if fp32_packed else 'not '}packed)"
+    )
     return [
         "# Benchmarks",
         "",

@@ -77,16 +77,17 @@ def packable_dtype(dtype: torch.dtype) -> bool:
 
 
 def packing_pays_here(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether oneDNN packing is the faster default for `dtype` weights on this CPU: bf16 everywhere; fp32
-    everywhere but on Intel CPUs, where MKL takes its own AVX-512 / AVX2 fp32 kernels (it does not on other
-    vendors' CPUs). Measured on the 130m-size model, 2 threads, compiled decode: on a Xeon with AVX-512, fp32 plain
-    F.linear decodes 33.1 / 116.8 / 348.2 tok/s at batch 1 / 8 / 32 and packed 25.0 / 140.9 / 379.4 (each packed
-    call costs ~37 us over F.linear's ~6 us, 73 calls a step, and MKL's one-row fp32 GEMV is faster there), while
-    bf16 packed decodes 37.1 / 168.0 / 288.7 against plain 30.1 / 160.6 / 275.1 (MKL's bf16 GEMV converts at
-    ~2.5 G weights/s per core, half the memory's rate); on an AMD EPYC packed is 2x faster at every batch. The
-    fp32 default follows batch 1, what one user of a small server waits on."""
+    """Whether oneDNN packing is the faster default for `dtype` weights on this CPU: bf16 wherever oneDNN packs
+    it (`packable_dtype`); fp32 everywhere but on Intel CPUs, where MKL takes its own AVX-512 / AVX2 fp32 kernels
+    (it does not on other vendors' CPUs). Measured side by side on the 130m-size model (bench/run.py, 2 threads,
+    compiled decode) on a Xeon with AVX-512: fp32 plain F.linear decodes 35.4 / 100.0 / 305.0 tok/s at batch
+    1 / 8 / 32 and packed 24.2 / 128.6 / 307.7 (each packed call costs ~37 us over F.linear's ~6 us, 73 calls a
+    step, and MKL's one-row fp32 GEMV reads at the memory's rate), while bf16 packed decodes 27.9 / 117.4 / 209.6
+    against plain 20.8 / 99.7 / 185.5 (MKL's bf16 GEMV converts ~2.5 G weights/s per core, half the memory's
+    rate); on an AMD EPYC fp32 packed is 2x faster at every batch. The fp32 default follows batch 1, what one
+    user of a small server waits on."""
     if dtype == torch.bfloat16:
-        return True
+        return packable_dtype(dtype)
     try:
         with open("/proc/cpuinfo") as f:
             vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")

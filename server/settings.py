@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     pack_weights: bool | None = Field(
         None,
         description="CPU: pack Linear weights in oneDNN's layout at load (off: F.linear through MKL). Unset: bf16 "
-        "packed; fp32 packed except on Intel CPUs, where MKL's own fp32 kernels decode batch 1 faster (AMD: packing "
-        "is about 2x faster)",
+        "packed where the CPU has bf16 instructions; fp32 packed except on Intel CPUs, where MKL's own fp32 kernels "
+        "decode batch 1 faster (AMD: packing is about 2x faster)",
     )
     quantize: str = Field(
         "none",

@@ -38,15 +38,16 @@ def test_bf16_capability_follows_the_cpu_and_the_switch(capability):
 
 
 @pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
-def test_packing_default_follows_dtype_and_vendor(vendor, monkeypatch):
-    """bf16 packs on every CPU; fp32 everywhere but on Intel, where MKL's fp32 GEMV is faster at batch 1."""
+def test_packing_default_follows_dtype_and_vendor(vendor, monkeypatch, capability):
+    """bf16 packs wherever oneDNN can pack it; fp32 everywhere but on Intel, where MKL's fp32 GEMV is faster at
+    batch 1."""
     import io
 
     import model.packed as packed
 
     cpuinfo = f"processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: x\n"
     monkeypatch.setattr(packed, "open", lambda *a, **k: io.StringIO(cpuinfo), raising=False)
-    assert packing_pays_here(torch.bfloat16)
+    assert packing_pays_here(torch.bfloat16) == packable_dtype(torch.bfloat16)
     assert packing_pays_here(torch.float32) == (vendor != "GenuineIntel")
     assert packing_pays_here() == packing_pays_here(torch.float32)
 
