@@ -58,7 +58,7 @@ def main() -> None:
     path = make_checkpoint(WORK)
     model, tok = load_model(path)
     total, active = model.num_parameters()
-    pack_if_supported(model)  # as `python -m server` serves it by default
+    pack_if_supported(model)  # packed wherever oneDNN can (the server's default skips fp32 packing on Intel)
     ref = hf_bench.load(path, torch.float32)
     rows = []
     for b in args.batches:
