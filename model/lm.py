@@ -22,6 +22,7 @@ writes into `out` (which may be `state` itself: the engine's pool decodes in pla
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -116,6 +117,14 @@ def blocks_step(blocks: tuple[Block, ...], h: Tensor, states: tuple[dict[str, Te
     for block, state in zip(blocks, states):
         h = mixer_residual_step(block, h, state)
     return h
+
+
+def own_code(fn: types.FunctionType) -> types.FunctionType:
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs and their guards on the code object and
+    compiles at most 8 per code object (`recompile_limit`); past that it runs the function eagerly, with one
+    warning. Compiling a copy per model keeps each model's graphs apart: several models in one process (the
+    benchmark's variants, a test run) each stay compiled, and a step checks only its own model's guards."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 class HybridLM(nn.Module):
@@ -268,7 +277,7 @@ class HybridLM(nn.Module):
         data-dependent shapes, stay eager) and prefill's scan chunk (scan.py); decode at batch 1 (specialised)
         and batch 2 (which makes the batch dimension dynamic). Raises if compilation fails (e.g. no C++
         compiler), leaving the eager paths in place."""
-        self._use_compiled(torch.compile(mixer_residual_step), torch.compile(scan_chunk), torch.compile(blocks_step))
+        self._use_compiled(*(torch.compile(own_code(fn)) for fn in (mixer_residual_step, scan_chunk, blocks_step)))
         device = self.embeddings.weight.device
         try:  # warm up as the engine calls: decode in place into the pool, prefill chunk after chunk
             for batch in (1, 2):
