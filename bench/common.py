@@ -66,7 +66,8 @@ def fmt(stat: dict | None, digits: int = 1) -> str:
     return f"{stat['median']:.{digits}f} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
 
 
-def _best_seconds(fn: Callable[[], object], reps: int) -> float:
+def best_seconds(fn: Callable[[], object], reps: int) -> float:
+    """The fastest of `reps` timed calls of `fn`, after one untimed call."""
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -80,14 +81,14 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """The machine's matmul FLOP/s: the best of torch.mm (MKL) and oneDNN with a packed weight. MKL does not
     take its AVX-512 path on AMD CPUs, so on Zen torch.mm alone reports half of what the cores do."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = _best_seconds(lambda: a @ b, reps)
+    seconds = best_seconds(lambda: a @ b, reps)
     linear = torch.nn.Linear(n, n, bias=False, dtype=dtype)
     if can_pack(linear):
         packed = PackedLinear(linear)
-        seconds = min(seconds, _best_seconds(lambda: packed(a), reps))
+        seconds = min(seconds, best_seconds(lambda: packed(a), reps))
     return 2 * n**3 / seconds
 
 
 def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     x = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / _best_seconds(x.sum, reps)
+    return nbytes / best_seconds(x.sum, reps)

@@ -11,12 +11,10 @@ line printed first (a plain sum over 1 GiB).
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
-from bench.common import read_bandwidth
+from bench.common import best_seconds, read_bandwidth
 from model.packed import packable_dtype
 
 SHAPES = {"in_proj": (3072, 768), "out_proj": (768, 1536), "x_proj": (80, 1536), "lm_head": (50280, 768)}
@@ -34,15 +32,7 @@ def kernels(dtype: torch.dtype) -> dict:
 
 
 def seconds_per_call(call, x, weights: list, reps: int = 3) -> float:
-    for w in weights:
-        call(x, w)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        for w in weights:
-            call(x, w)
-        best = min(best, (time.perf_counter() - t) / len(weights))
-    return best
+    return best_seconds(lambda: [call(x, w) for w in weights], reps) / len(weights)
 
 
 @torch.inference_mode()
