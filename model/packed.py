@@ -80,12 +80,12 @@ def packing_pays_here(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN packing is the faster default for `dtype` weights on this CPU: bf16 wherever oneDNN packs
     it (`packable_dtype`); fp32 everywhere but on Intel CPUs, where MKL takes its own AVX-512 / AVX2 fp32 kernels
     (it does not on other vendors' CPUs). Measured side by side on the 130m-size model (bench/run.py, 2 threads,
-    compiled decode) on a Xeon with AVX-512: fp32 plain F.linear decodes 35.4 / 100.0 / 305.0 tok/s at batch
-    1 / 8 / 32 and packed 24.2 / 128.6 / 307.7 (each packed call costs ~37 us over F.linear's ~6 us, 73 calls a
-    step, and MKL's one-row fp32 GEMV reads at the memory's rate), while bf16 packed decodes 27.9 / 117.4 / 209.6
-    against plain 20.8 / 99.7 / 185.5 (MKL's bf16 GEMV converts ~2.5 G weights/s per core, half the memory's
-    rate); on an AMD EPYC fp32 packed is 2x faster at every batch. The fp32 default follows batch 1, what one
-    user of a small server waits on."""
+    compiled decode) on a Xeon with AVX-512: fp32 plain F.linear decodes 28.7 / 101.2 / 314.9 tok/s at batch
+    1 / 8 / 32 and packed 21.0 / 146.5 / 313.5 (a packed call costs ~24 us against F.linear's ~4 us, 73 calls a
+    step, and MKL's one-row fp32 GEMV reads at the memory's rate); bf16 packed decodes 155.2 / 239.4 at batch
+    8 / 32 against plain 132.0 / 238.2, and at batch 1 0.93x to 1.25x plain in two runs (MKL's one-row bf16
+    GEMV streams 8-11 GB/s there, oneDNN's 9-17); on an AMD EPYC fp32 packed is 2x faster at every batch. The
+    fp32 default follows batch 1, what one user of a small server waits on."""
     if dtype == torch.bfloat16:
         return packable_dtype(dtype)
     try:
