@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import torch
 
-from model.packed import PackedLinear, can_pack, packing_pays_here
+from model.packed import PackedLinear, can_pack
 
 # Our engine as `python -m server` serves it with each flag: (pack weights for oneDNN, compile the decode step
-# and prefill scan, quantize to int8); None packs as the server does by default (model.packed.packing_pays_here).
+# and prefill scan, quantize to int8); None is the server's default: the few-row kernel (model/gemv.py).
 OURS = {
     "ours": (None, True, False),
     "ours --pack-weights": (True, True, False),
@@ -21,13 +21,6 @@ OURS = {
     "ours --no-compile": (None, False, False),
     "ours --quantize int8": (False, True, True),
 }
-
-
-def distinct_systems(dtype: torch.dtype) -> list[str]:
-    """OURS without the forced-packing row that is the default for `dtype` on this CPU (it would measure `ours`
-    twice)."""
-    same = "ours --pack-weights" if packing_pays_here(dtype) else "ours --no-pack-weights"
-    return [s for s in OURS if s != same]
 
 
 def machine_line() -> str:

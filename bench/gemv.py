@@ -1,10 +1,10 @@
 """How fast one-row projections stream their weights: the batch-1 decode step is these GEMVs plus overhead.
 
 For each projection shape of the 130m-size model (in_proj, out_proj, x_proj, the LM head) and each kernel the
-engine can call (MKL through F.linear, oneDNN with a packed weight), GB/s of weight read at M = 1 with 1 and 2
-threads, cycling through enough copies (~300 MB) that they come from memory, not the cache; then the cost of
-one call on a tiny weight (the per-call overhead) beside a one-element add. Compare with the read bandwidth
-line printed first (a plain sum over 1 GiB).
+engine can call (MKL through F.linear, oneDNN with a packed weight, our few-row kernel), GB/s of weight read
+at M = 1 with 1 and 2 threads, cycling through enough copies (~300 MB) that they come from memory, not the
+cache; then the cost of one call on a tiny weight (the per-call overhead) beside a one-element add. Compare
+with the read bandwidth line printed first (a plain sum over 1 GiB).
 
     python -m bench.gemv
 """
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import best_seconds, read_bandwidth
+from model import gemv
 from model.packed import packable_dtype
 
 SHAPES = {"in_proj": (3072, 768), "out_proj": (768, 1536), "x_proj": (80, 1536), "lm_head": (50280, 768)}
@@ -23,6 +24,8 @@ SHAPES = {"in_proj": (3072, 768), "out_proj": (768, 1536), "x_proj": (80, 1536),
 def kernels(dtype: torch.dtype) -> dict:
     """{name: (prepare weight, call)} for the kernels this CPU has in `dtype`."""
     out = {"F.linear": (lambda w: w, F.linear)}
+    if gemv.load():
+        out["few-row kernel"] = (lambda w: w, lambda x, w: torch.ops.aetheris_gemv.linear(x, w, None))
     if packable_dtype(dtype):
         out["oneDNN packed"] = (
             torch.ops.mkldnn._reorder_linear_weight,

@@ -96,11 +96,7 @@ def targets(r: dict) -> list[str]:
 
 
 def _intro(r: dict) -> list[str]:
-    fp32_packed = (r.get("default_packs") or {}).get("float32")
-    packs = (
-        "in bf16 where the CPU has bf16 instructions, and in fp32 except on Intel CPUs "
-        f"(this CPU: fp32 {'' if fp32_packed else 'not '}packed)"
-    )
+    linears = r.get("default_linears", "oneDNN-packed or F.linear projections")
     return [
         "# Benchmarks",
         "",
@@ -109,7 +105,7 @@ def _intro(r: dict) -> list[str]:
         f"24 layers, vocab 50280 (mamba-130m size); llama.cpp runs the GGUF f32 / bf16 converted from it. Greedy, "
         f"{r['args']['tokens']} new tokens after a 16-token prompt; batch = concurrent sequences. Our engine "
         f"runs as `python -m server` would with each flag: `ours` the default (decode step and prefill scan "
-        f"compiled; Linear weights packed for oneDNN {packs}), `--pack-weights` / `--no-pack-weights` forcing "
+        f"compiled; projections through {linears}), `--pack-weights` / `--no-pack-weights` forcing "
         f"oneDNN packing or plain F.linear (MKL), `--no-compile` eager, `--quantize int8` int8 weights (compiled); "
         f"llama.cpp Q8_0 is the GGUF quantized by its converter. Systems run round-robin within each repeat.",
         "",

@@ -25,7 +25,9 @@ from bench import http_load as http_bench  # noqa: E402
 from bench import quantize as quantize_bench  # noqa: E402
 from bench.report import to_json, write  # noqa: E402
 from bench.weights import mamba_130m, to_gguf  # noqa: E402
+from model import gemv  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
+from model.gemv import use_gemv  # noqa: E402
 from model.packed import NO_BF16_ENV, can_pack, pack_linears, packing_pays_here  # noqa: E402
 from model.quantized import quantize_int8  # noqa: E402
 
@@ -45,6 +47,8 @@ def load_ours(
     quantize: bool = False,
 ):
     model, tok = load_model(path, dtype=dtype)
+    if pack is None and not quantize and use_gemv(model):  # the server's default
+        pack = False
     pack = packing_pays_here(dtype) if pack is None else pack
     if quantize:
         quantize_int8(model)
@@ -58,6 +62,14 @@ def load_ours(
         except Exception as e:  # no C++ compiler, or inductor cannot build for this CPU
             raise NotSupported(f"torch.compile ({type(e).__name__})") from e
     return model, tok
+
+
+def default_linears() -> str:
+    """What serves the projections by default on this machine, in words."""
+    if gemv.load():
+        return f"the few-row kernel (model/gemv.py; bf16 inner kernel: {gemv.bf16_kernel()})"
+    fp32, bf16 = packing_pays_here(torch.float32), packing_pays_here(torch.bfloat16)
+    return f"no C++ compiler: oneDNN packing for fp32 {fp32}, bf16 {bf16}"
 
 
 def load_variants(path: Path, dtype: torch.dtype, systems, unsupported: dict) -> dict:
@@ -78,7 +90,7 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> di
     n = args.repeats
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).split(".")[1]
-        variants = load_variants(hf_dir, dtype, common.distinct_systems(dtype), unsupported)
+        variants = load_variants(hf_dir, dtype, list(common.OURS), unsupported)
         ref = hf_bench.load(hf_dir, dtype)
         for b in args.batches:
             runs = {
@@ -169,7 +181,7 @@ def main() -> None:
         "command": " ".join(["python bench/run.py", *sys.argv[1:]]),
         "unsupported": {},
         "failed": {},
-        "default_packs": {"float32": packing_pays_here(torch.float32), "bfloat16": packing_pays_here(torch.bfloat16)},
+        "default_linears": default_linears(),
     }
     for name, stage in stages(args, hf_dir, gguf, report):
         try:
@@ -207,16 +219,19 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
             report["offline_32_cpu_s_per_token"] = (time.process_time() - cpu) / (32 * args.tokens)
 
     def default_model():
-        """The MoE default model, compiled, with every Linear and its experts packed, with the experts left as
-        they were before they could be packed, and in int8; decode tokens/s per batch."""
+        """The MoE default model, compiled: on the few-row kernel (the server's default), with every Linear and its
+        experts packed, with only the experts left unpacked, and in int8; decode tokens/s per batch."""
         compile = "ours / float32" not in unsupported
         report["default_model"] = {}
-        for name, experts in (("experts packed", True), ("experts unpacked", False), ("int8", None)):
+        variants = ("few-row kernel", "experts packed", "experts unpacked", "int8")
+        for name in variants:
             model, tok = load_model(DEFAULT_MODEL)
-            if experts is None:
+            if name == "int8":
                 quantize_int8(model)
+            elif name == "few-row kernel":
+                use_gemv(model)
             else:
-                pack_linears(model, experts=experts)
+                pack_linears(model, experts=name == "experts packed")
             if compile:
                 model.compile_inference()
             report["default_model"][name] = {

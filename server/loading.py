@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import torch
 from fastapi import FastAPI
 
+from model import gemv
 from model.checkpoint import load_model
 from model.packed import can_pack, pack_linears, packing_pays_here
 from model.quantized import quantize_int8
@@ -50,10 +51,13 @@ def missing_compiler(device: torch.device) -> str | None:
 
 
 def _speed_up(model, settings: Settings, metrics: Metrics) -> None:
-    """Quantize or pack, and compile, as the settings ask. Compiling is the default where it can work; where it
-    cannot, or fails, the eager path serves, after one warning."""
+    """Quantize, or route the projections through the few-row kernel (the default on CPU) or oneDNN packing, and
+    compile, as the settings ask. Compiling and the kernel are the default where they can work; where they
+    cannot, or fail, the paths before them serve, after one warning."""
     if settings.quantize == "int8":
         log.info("quantized %d Linear layers and the MoE experts to int8", quantize_int8(model))
+    elif settings.pack_weights is None and gemv.can_use(model) and (n := gemv.use_gemv(model)):
+        log.info("few-row kernel (bf16: %s) serves %d Linear layers and the MoE experts", gemv.bf16_kernel(), n)
     elif can_pack(model):
         pack = settings.pack_weights
         if pack is None:

@@ -84,9 +84,9 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
     pack_weights: bool | None = Field(
         None,
-        description="CPU: pack Linear weights in oneDNN's layout at load (off: F.linear through MKL). Unset: bf16 "
-        "packed where the CPU has bf16 instructions; fp32 packed except on Intel CPUs, where MKL's own fp32 kernels "
-        "decode batch 1 faster (AMD: packing is about 2x faster)",
+        description="CPU: pack Linear weights in oneDNN's layout at load (off: F.linear through MKL). Unset: our "
+        "few-row kernel built for this CPU at load (model/gemv.py) serves decode; where it cannot be built, bf16 "
+        "packed where the CPU has bf16 instructions, fp32 packed except on Intel CPUs",
     )
     quantize: str = Field(
         "none",

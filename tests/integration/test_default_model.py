@@ -13,7 +13,6 @@ import pytest
 from aetheris.defaults import DEFAULT_MODEL_DIR as DEFAULT
 from aetheris.serverproc import ServerProcess
 from model.checkpoint import load_model
-from model.packed import packing_pays_here
 from model.quantized import quantize_int8
 from tests.helpers import greedy
 
@@ -83,10 +82,10 @@ def test_server_defaults_to_the_embedded_model(default_model):
 
 
 def test_fast_paths_tell_the_same_story():
-    """The default (packed except on Intel CPUs), packed, packed + compiled, and plain F.linear: the same greedy
-    text end to end."""
+    """The default (the few-row kernel), packed, packed + compiled, and plain F.linear: the same greedy text end
+    to end."""
     default, log = _story()
-    assert ("packed 13 Linear layers" in log) == packing_pays_here(), log
+    assert "few-row kernel (bf16: " in log and "serves 13 Linear layers and the MoE experts" in log, log
     packed, log = _story("--pack-weights")
     assert "packed 13 Linear layers" in log, log  # 3 per mixer x 4 + the head; MoE experts and routers stay
     compiled, log = _story("--pack-weights", "--compile", timeout=600)

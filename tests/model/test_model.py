@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model import HybridLM, ModelConfig, preset
+from model.gemv import use_gemv
 from model.packed import pack_linears
 from tests.helpers import LAYOUTS, assert_states_close, tiny
 
@@ -228,18 +229,20 @@ def test_models_in_one_process_keep_their_own_compiled_graphs(monkeypatch):
         assert len(_debug_get_cache_entry_list(code)) == 2
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("linears", ["plain", "packed", "gemv"])
 @pytest.mark.parametrize("layout", ["mamba", "moe-mamba", "jamba", "hybrid", "mamba2-hybrid"])
-def test_compiled_inference_equals_eager(layout, packed):
+def test_compiled_inference_equals_eager(layout, linears):
     """The torch.compile'd prefill scan and mixer step (fused kernels, state stored straight into `out`), on
-    plain or oneDNN-packed projections (the serving fast path), against the plain eager reference, at batch 1
-    (specialised graphs) and batch 3 (dynamic batch), a prompt longer than one scan chunk, decode in place
-    and not."""
+    plain, oneDNN-packed or few-row-kernel projections (the serving fast paths), against the plain eager
+    reference, at batch 1 (specialised graphs) and batch 3 (dynamic batch), a prompt longer than one scan
+    chunk, decode in place and not."""
     eager = tiny(layout)
     compiled = tiny(layout)
     compiled.load_state_dict(eager.state_dict())
-    if packed:
+    if linears == "packed":
         pack_linears(compiled)
+    elif linears == "gemv":
+        assert use_gemv(compiled)
     compiled.compile_inference()
     if layout == "mamba":  # three mixer-only layers: one compiled graph for the run of them
         assert compiled._decode_runs() == [(0, 3)] and eager._decode_runs() == [(0, 1), (1, 2), (2, 3)]

@@ -1,0 +1,139 @@
+"""The few-row kernel (model/gemv.cpp) against F.linear, its reference: each instruction-set build this CPU can
+run, alone, inside torch.compile and in the model."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import gemv
+from model.checkpoint import save_checkpoint
+from tests.helpers import LAYOUTS, assert_states_close, tiny
+
+
+def cpu_has(flag: str) -> bool:
+    with open("/proc/cpuinfo") as f:
+        return flag in next(line for line in f if line.startswith("flags")).split()
+
+
+# namespace -> (compiler flags, the bf16 kernel that build must take). The AVX512-BF16 build is this CPU's own;
+# the others switch instructions off so that every CPU runs the portable kernel too, AVX-512 and AVX2 forms.
+BUILDS = {
+    "aetheris_gemv": (gemv.NATIVE, "avx512_bf16" if cpu_has("avx512_bf16") else "portable"),
+    "aetheris_gemv_no_bf16": (("-march=native", "-mno-avx512bf16"), "portable"),
+    "aetheris_gemv_avx2": (("-march=native", "-mno-avx512f"), "portable"),
+}
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def build(request):
+    flags, kernel = BUILDS[request.param]
+    assert gemv.load(flags, request.param), "the kernel must build wherever a C++ compiler is present"
+    assert gemv.bf16_kernel(request.param) == kernel
+    return request.param
+
+
+def reference(x, w, b):
+    """F.linear in fp32 on the same values, rounded to the inputs' dtype once at the end."""
+    return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("out_in", [(37, 64), (8, 50), (1, 96), (261, 768)])
+def test_kernel_equals_linear(build, dtype, bias, out_in):
+    """Every row count the kernel tiles (1-16: tiles of 4, 2 and 1 tokens), past it (at::linear), leading batch
+    dimensions; rows that are not a whole block of 4, and in_features that are not a multiple of 32 (the
+    portable kernel then serves bf16 on any build)."""
+    o, i = out_in
+    op = getattr(torch.ops, build).linear
+    w = (torch.randn(o, i) / i**0.5).to(dtype)  # outputs of order 1, as nn.Linear's initialisation gives
+    b = torch.randn(o).to(dtype) if bias else None
+    for shape in [(1, i), (i,), (2, i), (3, i), (5, i), (16, i), (17, i), (2, 3, i)]:
+        x = torch.randn(shape).to(dtype)
+        got = op(x, w, b)
+        assert got.shape == (*shape[:-1], o) and got.dtype == dtype
+        torch.testing.assert_close(got, reference(x, w, b), **TOL[dtype])
+
+
+def test_kernel_refuses_what_it_cannot_multiply():
+    assert gemv.load()
+    op = torch.ops.aetheris_gemv.linear
+    w = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(torch.randn(1, 16).bfloat16(), w, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(1, 8), w.t(), None)
+    with pytest.raises(RuntimeError, match="features"):
+        op(torch.randn(1, 15), w, None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        op(torch.randn(1, 16).half(), w.half(), None)
+
+
+def test_gemv_linear_inside_torch_compile():
+    """Inside a compiled graph the op is one extern call, shaped by its fake implementation."""
+    linear = torch.nn.Linear(16, 8)
+    assert gemv.load()
+    fast = gemv.GemvLinear(linear)
+    fn = torch.compile(lambda x: F.silu(fast(x * 2)) + 1)
+    with torch.inference_mode():  # the kernel has no backward: it serves, it does not train
+        for batch in (1, 5):
+            x = torch.randn(batch, 16)
+            torch.testing.assert_close(fn(x), F.silu(linear(x * 2)) + 1, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_model_on_the_kernel_equals_plain(layout, dtype):
+    """Every called Linear and the MoE experts through the kernel; same weights (shared, not copied: the
+    state_dict and the head's tie to the embeddings stay), same logits and states as plain F.linear."""
+    ref = tiny(layout).cast(dtype)
+    model = tiny(layout).cast(dtype)
+    model.load_state_dict(ref.state_dict())
+    assert gemv.use_gemv(model) == len(gemv.called_linears(ref))
+    assert not gemv.called_linears(model)  # none left on F.linear
+    assert (model.lm_head.weight is model.embeddings.weight) == (ref.lm_head.weight is ref.embeddings.weight)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    assert all(m.linear is gemv.expert_linear for m in model.moe_layers().values())
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    tokens = torch.randint(0, 97, (2, 9))
+    want, want_state = ref.prefill(tokens, ref.empty_state(2), all_logits=True)
+    got, state = model.prefill(tokens, model.empty_state(2), all_logits=True)
+    torch.testing.assert_close(got, want, **tol)
+    state = state.with_capacity(16)
+    for _ in range(4):
+        step = want[:, -1].argmax(-1) if want.dim() == 3 else want.argmax(-1)
+        want, want_state = ref.decode(step, want_state)
+        got, state = model.decode(step, state, out=state)
+        torch.testing.assert_close(got, want, **tol)
+    if dtype == torch.float32:
+        assert_states_close(state, want_state)
+
+
+def test_model_on_the_kernel_can_be_saved(tmp_path):
+    """The kernel keeps the model's own parameters, so a served model still saves (a packed one cannot)."""
+    model = tiny("mamba")
+    gemv.use_gemv(model)
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt").exists()
+
+
+def test_without_a_compiler_the_model_keeps_f_linear(monkeypatch, caplog):
+    monkeypatch.setattr(gemv, "_loaded", {})
+    monkeypatch.setattr(gemv, "compiler", lambda: None)
+    model = tiny("mamba")
+    with caplog.at_level(logging.WARNING, logger="model.gemv"):
+        assert gemv.use_gemv(model) == 0
+    assert "no C++ compiler" in caplog.text
+    assert len(gemv.called_linears(model)) == 3 * 3 + 1  # 3 per Mamba mixer and the head: all still nn.Linear
+
+
+def test_a_build_is_reused(tmp_path, monkeypatch):
+    """The library is compiled once per source, flags, compiler, torch and CPU, then found in the cache."""
+    assert gemv.load()
+    first = gemv.build()
+    stamp = first.stat().st_mtime_ns
+    assert gemv.build() == first and first.stat().st_mtime_ns == stamp
+    assert gemv.build(("-march=native", "-mno-avx512f"), "aetheris_gemv_avx2") != first
