@@ -148,7 +148,9 @@ def test_build_and_serve_the_real_image(tmp_path_factory):
         user = engine.docker("exec", container, "id", "-u").stdout.strip()
         assert user == "1000"
         metrics = httpx.get(url + "/metrics", timeout=10).text  # the image serves the compiled fast path
-        assert "aetheris_compiled 1.0" in metrics, engine.docker("logs", container).stderr[-3000:]
+        logs = engine.docker("logs", container).stderr
+        assert "aetheris_compiled 1.0" in metrics, logs[-3000:]
+        assert "few-row kernel (bf16: " in logs, logs[-3000:]  # and builds the projections' kernel
     finally:
         index.kill()
         subprocess.run(["docker", "-H", engine.host, "rm", "-f", container], capture_output=True)
