@@ -223,8 +223,7 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
         experts packed, with only the experts left unpacked, and in int8; decode tokens/s per batch."""
         compile = "ours / float32" not in unsupported
         report["default_model"] = {}
-        variants = ("few-row kernel", "experts packed", "experts unpacked", "int8")
-        for name in variants:
+        for name in ("few-row kernel", "experts packed", "experts unpacked", "int8"):
             model, tok = load_model(DEFAULT_MODEL)
             if name == "int8":
                 quantize_int8(model)

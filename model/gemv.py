@@ -98,7 +98,7 @@ def load(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> boo
                 torch.library.register_fake(f"{namespace}::linear")(_linear_shape)
                 _loaded[namespace] = True
             except (RuntimeError, OSError) as e:
-                log.warning("few-row kernel unavailable (%s); projections use F.linear", str(e)[:300])
+                log.warning("few-row kernel unavailable (%s); projections use the library kernels", str(e)[:300])
                 _loaded[namespace] = False
         return _loaded[namespace]
 

@@ -70,6 +70,10 @@ def test_kernel_refuses_what_it_cannot_multiply():
         op(torch.randn(1, 15), w, None)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         op(torch.randn(1, 16).half(), w.half(), None)
+    with pytest.raises(ValueError, match="float32 / bfloat16"):
+        gemv.GemvLinear(torch.nn.Linear(16, 8).half())
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        gemv.use_gemv(tiny("mamba").cast(torch.float16))
 
 
 def test_gemv_linear_inside_torch_compile():
@@ -130,7 +134,7 @@ def test_without_a_compiler_the_model_keeps_f_linear(monkeypatch, caplog):
     assert len(gemv.called_linears(model)) == 3 * 3 + 1  # 3 per Mamba mixer and the head: all still nn.Linear
 
 
-def test_a_build_is_reused(tmp_path, monkeypatch):
+def test_a_build_is_reused():
     """The library is compiled once per source, flags, compiler, torch and CPU, then found in the cache."""
     assert gemv.load()
     first = gemv.build()
