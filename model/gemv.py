@@ -4,10 +4,11 @@ Glossary: M rows of input (batch x tokens), I in_features, O out_features.
 
 Why: a decode step at batch 1 is one matrix-vector product per projection, bounded by how fast the weights
 stream from memory, and the library kernels fall short there on CPU. oneDNN's packed bf16 one-row product
-streams 9-17 GB/s on two threads and costs ~24 us a call in PyTorch's binding; MKL's bf16 product 8-11 GB/s;
-MKL's fp32 one reads at the memory's rate but not oneDNN's blocked layouts (`python -m bench.gemv` measures
-them all). gemv.cpp reads each block of weight rows once, multiplies every token against it while it sits in
-L1, prefetches the next block, and uses AVX512-BF16's pair dot products for bf16 where the CPU has them. It
+streams 9-17 GB/s on two threads and costs ~25 us a call in PyTorch's binding; MKL's bf16 product 8-11 GB/s;
+MKL's fp32 one reads at the memory's rate on Intel CPUs but takes no AVX-512 path on AMD ones. gemv.cpp reads
+each block of weight rows once, multiplies every token against it while it sits in L1, prefetches the next
+block, and uses AVX512-BF16's pair dot products for bf16 where the CPU has them: 11-22 GB/s for bf16 at one
+row on the same Xeon, ~9 us a call, and fp32 at MKL's rate (`python -m bench.gemv` measures them all). It
 keeps the plain row-major weight (nothing is copied or reordered), and products of more than 16 rows (prefill)
 go to the BLAS kernels through `at::linear`. `F.linear` is the reference a test holds it equal to.
 
