@@ -120,7 +120,7 @@ def kernel_dtype(dtype: torch.dtype) -> bool:
 class GemvLinear(nn.Module):
     """y = x W^T + b through gemv.cpp; x (..., I) -> (..., O), with the nn.Linear's own weight and bias."""
 
-    def __init__(self, linear: nn.Linear, namespace: str = NAMESPACE) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         if not kernel_dtype(linear.weight.dtype) or linear.weight.device.type != "cpu":
             raise ValueError(f"the few-row kernel takes CPU float32 / bfloat16 weights, not {linear.weight.dtype}")
@@ -128,10 +128,9 @@ class GemvLinear(nn.Module):
         w = linear.weight  # (O, I); the same Parameter, so state_dict() and a tie to the embeddings are kept
         self.weight = w if w.is_contiguous() else nn.Parameter(w.detach().contiguous(), requires_grad=False)
         self.bias = linear.bias
-        self.op = getattr(torch.ops, namespace).linear
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(x, self.weight, self.bias)  # (..., O)
+        return torch.ops.aetheris_gemv.linear(x, self.weight, self.bias)  # (..., O)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -77,7 +77,8 @@ def packable_dtype(dtype: torch.dtype) -> bool:
 
 
 def packing_pays_here(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether oneDNN packing is the faster default for `dtype` weights on this CPU: bf16 wherever oneDNN packs
+    """Whether oneDNN packing is the faster choice for `dtype` weights on this CPU where the few-row kernel
+    (gemv.py) cannot be built, which is what the server then falls back to: bf16 wherever oneDNN packs
     it (`packable_dtype`); fp32 everywhere but on Intel CPUs, where MKL takes its own AVX-512 / AVX2 fp32 kernels
     (it does not on other vendors' CPUs). Measured side by side on the 130m-size model (bench/run.py, 2 threads,
     compiled decode) on a Xeon with AVX-512: fp32 plain F.linear decodes 28.7 / 101.2 / 314.9 tok/s at batch
