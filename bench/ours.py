@@ -14,13 +14,22 @@ from server.types import GenerationRequest, SamplingParams
 
 
 def decode_tokens_per_s(
-    model: HybridLM, tok: Tokenizer, batch: int, new_tokens: int = 128, prompt_len: int = 16, grammar=None
+    model: HybridLM,
+    tok: Tokenizer,
+    batch: int,
+    new_tokens: int = 128,
+    prompt_len: int = 16,
+    grammar=None,
+    cuda_graphs: bool = True,
 ) -> float:
     """B greedy sequences of `new_tokens` after a short prompt (each under `grammar` when given, a compiled
-    server.grammar spec); only iterations where all B decode count."""
+    server.grammar spec); only iterations where all B decode count. On a GPU the engine replays CUDA graphs
+    where the model allows, as the server does, unless `cuda_graphs` is False."""
     # K/V (attention layers) paged as the server keeps it, with blocks for every sequence's whole length
     blocks = batch * -(-(prompt_len + new_tokens) // 16)
-    cfg = CoreConfig(batch, batch * prompt_len, 0, max_model_len=prompt_len + new_tokens, kv_blocks=blocks)
+    cfg = CoreConfig(
+        batch, batch * prompt_len, 0, max_model_len=prompt_len + new_tokens, kv_blocks=blocks, cuda_graphs=cuda_graphs
+    )
     core = EngineCore(model, tok, cfg)
     done = []
     for i in range(batch):

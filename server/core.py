@@ -49,6 +49,7 @@ class CoreConfig:
     snapshot_interval: int = 256  # prompt tokens between state snapshots during a long prefill (0 = none)
     state_cache_dir: str | None = None  # where pinned snapshots (system prompts) persist across restarts
     model_id: str = ""  # names the model in persisted snapshots
+    cuda_graphs: bool = True  # on a GPU, replay the decode step as CUDA graphs where it can (cuda_graphs.py)
 
 
 class EngineCore:

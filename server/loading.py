@@ -110,6 +110,7 @@ def core_config(settings: Settings, model) -> CoreConfig:
         settings.snapshot_interval,
         settings.state_cache_dir,
         settings.model_name,
+        settings.cuda_graphs,
     )
 
 

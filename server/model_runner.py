@@ -14,6 +14,7 @@ from torch import Tensor
 
 from model import HybridLM
 
+from .cuda_graphs import capture
 from .prefix_cache import PrefixCache, Snapshot
 from .scheduler import RequestState
 from .sequence import Sequence
@@ -31,6 +32,7 @@ class ModelRunner:
         self.pool = StatePool(
             model, cfg.max_batch_size, self.device, cfg.max_model_len, cfg.kv_blocks, cfg.kv_block_size
         )
+        self.graphs = capture(model, self.pool, cfg.max_batch_size) if cfg.cuda_graphs else None
         self.cache = PrefixCache(cfg.state_cache_bytes)
         if cfg.state_cache_dir:
             self._restore_pinned(SnapshotStore(cfg.state_cache_dir, model, cfg.model_id))
@@ -94,10 +96,13 @@ class ModelRunner:
     def decode(self) -> tuple[list[Sequence], Tensor]:
         """ONE batched step over every running sequence, in place on the pool's rows: (seqs, logits (B, V))."""
         seqs = list(self.running)  # row order
-        tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)  # (B,)
+        ids = [s.output_ids[-1] for s in seqs]
         t0 = time.perf_counter()
-        rows = self.pool.view()
-        logits, _ = self.model.decode(tokens, rows, out=rows)  # the pool rows now hold the new state
+        logits = self.graphs.decode(ids) if self.graphs is not None else None
+        if logits is None:  # no graph (CPU, a model a graph cannot serve, or more rows than the largest)
+            rows = self.pool.view()
+            tokens = torch.tensor(ids, device=self.device)  # (B,)
+            logits, _ = self.model.decode(tokens, rows, out=rows)  # the pool rows now hold the new state
         self.pool.advance()
         if self.metrics is not None:
             self.metrics.observe_decode(len(seqs), time.perf_counter() - t0)

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         description="torch.compile the decode step and prefill scan at startup, before /health turns 200 (on CPU "
         "only when a C++ compiler is present; otherwise, or if compiling fails, the eager path serves)",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on a GPU, replay the decode step as CUDA graphs captured at startup, one per padded batch "
+        "size (models without MoE or attention layers; each graph is checked against the plain step first)",
+    )
     log_prompts: bool = Field(False, description="log prompt and output text (off: only sizes are logged)")
     log_level: str = Field("info", description="debug, info, warning or error")
 

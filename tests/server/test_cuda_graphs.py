@@ -1,0 +1,99 @@
+"""Decode through CUDA graphs (server/cuda_graphs.py): which models and sizes get graphs, and, on a GPU, the
+engine's outputs with graphs equal to those without. The GPU tests skip, saying so, where no GPU is present
+(bench/gpu_check.sh runs them where there is one)."""
+
+import random
+
+import pytest
+import torch
+
+from model import HybridLM
+from model.config import LayerSpec
+from server import cuda_graphs
+from server.core import CoreConfig, EngineCore
+from server.types import GenerationRequest, SamplingParams
+from tests.helpers import tiny_config, toy_tokenizer
+
+# Graph-eligible layouts (no MoE, no attention): Mamba-1, and Mamba-2 with a dense MLP.
+LAYOUTS = {
+    "mamba": dict(layers=[LayerSpec("mamba", None)] * 3),
+    "mamba2-mlp": dict(
+        layers=[LayerSpec("mamba2", "mlp"), LayerSpec("mamba2", None)], d_ff=40, mamba2_head_dim=8, n_groups=2
+    ),
+}
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is present")
+
+
+def test_batch_sizes_cover_every_count_up_to_the_pool():
+    assert cuda_graphs.batch_sizes(1) == [1]
+    assert cuda_graphs.batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert cuda_graphs.batch_sizes(12) == [1, 2, 4, 8, 12]
+    for max_batch in range(1, 70):
+        sizes = cuda_graphs.batch_sizes(max_batch)
+        assert all(any(b >= n for b in sizes) for n in range(1, max_batch + 1)) and max(sizes) == max_batch
+
+
+NO_GRAPH = {"mamba-attention": dict(layers=[LayerSpec("mamba", None), LayerSpec("attention", None)], n_heads=4)}
+
+
+def _model(layout: str, vocab: int = 97) -> HybridLM:
+    kw = {**LAYOUTS, **NO_GRAPH}.get(layout, {})
+    return HybridLM(tiny_config(vocab, None if kw else layout, **kw)).eval()
+
+
+@pytest.mark.parametrize(
+    "layout, reason",
+    [
+        ("mamba", "not on a CUDA device"),
+        ("mamba2-mlp", "not on a CUDA"),
+        ("moe-mamba", "MoE"),
+        ("mamba-attention", "K/V"),
+    ],
+)
+def test_which_models_a_graph_cannot_serve(layout, reason):
+    assert reason in cuda_graphs.why_not(_model(layout))
+
+
+def test_the_cpu_engine_captures_nothing():
+    tok = toy_tokenizer()
+    model = _model("mamba", tok.vocab_size)
+    assert EngineCore(model, tok, CoreConfig(4, 16)).runner.graphs is None
+
+
+def _outputs(model, tok, cuda_graphs_on: bool, prompts, lengths) -> tuple[dict, EngineCore]:
+    core = EngineCore(model, tok, CoreConfig(6, 64, cuda_graphs=cuda_graphs_on))
+    out: dict[str, list[int]] = {}
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        req = GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        core.add(req, lambda o: [out.setdefault(o.request_id, []).extend(d.token_ids) for d in o.deltas])
+    while core.has_work():
+        core.step()
+    return out, core
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphs_decode_as_the_plain_step(layout, dtype):
+    """Sequences join and finish at different steps, so the running count passes through sizes that are and are
+    not captured (padded rows); the greedy tokens equal the engine's without graphs."""
+    tok = toy_tokenizer()
+    model = _model(layout, tok.vocab_size).cast(dtype).to("cuda")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(5, 300) for _ in range(rng.randrange(1, 20))] for _ in range(9)]
+    lengths = [rng.randrange(1, 24) for _ in prompts]
+    want, plain = _outputs(model, tok, False, prompts, lengths)
+    got, graphed = _outputs(model, tok, True, prompts, lengths)
+    assert plain.runner.graphs is None
+    assert [g.tokens.shape[0] for g in graphed.runner.graphs.graphs] == [1, 2, 4, 6]
+    assert got == want
+
+
+@needs_gpu
+def test_graphs_on_the_compiled_model():
+    tok = toy_tokenizer()
+    model = _model("mamba", tok.vocab_size).to("cuda")
+    want, _ = _outputs(model, tok, False, [[5, 6, 7], [8, 9]], [12, 7])
+    model.compile_inference()
+    got, graphed = _outputs(model, tok, True, [[5, 6, 7], [8, 9]], [12, 7])
+    assert graphed.runner.graphs is not None and got == want
