@@ -97,12 +97,11 @@ class DecodeGraphs:
         for (_, got, layer), (_, ref, _) in zip(rows.items(), want_state.items()):
             torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3, msg=f"CUDA graph of batch {b}: layer {layer}")
 
-    def decode(self, tokens: list[int]) -> Tensor | None:
-        """One step of the pool's first n = len(tokens) rows -> logits (n, V); None when n is past every graph."""
+    def decode(self, tokens: list[int]) -> Tensor:
+        """One step of the pool's first n = len(tokens) rows -> logits (n, V). The sizes end at the pool's, so a
+        graph always fits."""
         n = len(tokens)
-        g = next((g for g in self.graphs if g.tokens.shape[0] >= n), None)
-        if g is None:
-            return None
+        g = next(g for g in self.graphs if g.tokens.shape[0] >= n)
         g.tokens[:n].copy_(torch.tensor(tokens), non_blocking=True)
         g.graph.replay()
         return g.logits[:n].clone()  # the next replay overwrites the buffer; snapshots may keep these logits

@@ -98,8 +98,9 @@ class ModelRunner:
         seqs = list(self.running)  # row order
         ids = [s.output_ids[-1] for s in seqs]
         t0 = time.perf_counter()
-        logits = self.graphs.decode(ids) if self.graphs is not None else None
-        if logits is None:  # no graph (CPU, a model a graph cannot serve, or more rows than the largest)
+        if self.graphs is not None:
+            logits = self.graphs.decode(ids)
+        else:  # CPU, or a model a graph cannot serve
             rows = self.pool.view()
             tokens = torch.tensor(ids, device=self.device)  # (B,)
             logits, _ = self.model.decode(tokens, rows, out=rows)  # the pool rows now hold the new state
