@@ -14,12 +14,13 @@ from model.packed import PackedLinear, can_pack
 
 # Our engine as `python -m server` serves it with each flag: (pack weights for oneDNN, compile the decode step
 # and prefill scan, quantize to int8); None is the server's default: the few-row kernel (model/gemv.py).
-OURS = {
-    "ours": (None, True, False),
-    "ours --pack-weights": (True, True, False),
-    "ours --no-pack-weights": (False, True, False),
-    "ours --no-compile": (None, False, False),
-    "ours --quantize int8": (False, True, True),
+OURS = {  # system: load_ours(pack, compile, quantize, huge_pages)
+    "ours": (None, True, False, True),
+    "ours --pack-weights": (True, True, False, True),
+    "ours --no-pack-weights": (False, True, False, True),
+    "ours --no-compile": (None, False, False, True),
+    "ours --no-huge-pages": (None, True, False, False),
+    "ours --quantize int8": (False, True, True, True),
 }
 
 

@@ -106,8 +106,9 @@ def _intro(r: dict) -> list[str]:
         f"{r['args']['tokens']} new tokens after a 16-token prompt; batch = concurrent sequences. Our engine "
         f"runs as `python -m server` would with each flag: `ours` the default (decode step and prefill scan "
         f"compiled; projections through {linears}), `--pack-weights` / `--no-pack-weights` forcing "
-        f"oneDNN packing or plain F.linear (MKL), `--no-compile` eager, `--quantize int8` int8 weights (compiled); "
-        f"llama.cpp Q8_0 is the GGUF quantized by its converter. Systems run round-robin within each repeat.",
+        f"oneDNN packing or plain F.linear (MKL), `--no-compile` eager, `--no-huge-pages` the weights left in "
+        f"4 KiB pages, `--quantize int8` int8 weights (compiled); llama.cpp Q8_0 is the GGUF quantized by its "
+        f"converter. Systems run round-robin within each repeat.",
         "",
     ]
 

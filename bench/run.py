@@ -28,6 +28,7 @@ from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model import gemv  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.gemv import use_gemv  # noqa: E402
+from model.huge_pages import use_huge_pages  # noqa: E402
 from model.packed import NO_BF16_ENV, can_pack, pack_linears, packing_pays_here  # noqa: E402
 from model.quantized import quantize_int8  # noqa: E402
 
@@ -45,7 +46,9 @@ def load_ours(
     pack: bool | None = None,
     compile: bool = True,
     quantize: bool = False,
+    huge_pages: bool = True,
 ):
+    """Our model as the server loads it with the flags a benchmark row names (server/loading.py's _speed_up)."""
     model, tok = load_model(path, dtype=dtype)
     if pack is None and not quantize and use_gemv(model):  # the server's default
         pack = False
@@ -56,6 +59,8 @@ def load_ours(
         if not can_pack(model):
             raise NotSupported(f"oneDNN weight packing in {dtype}: no bf16 instructions here, or {NO_BF16_ENV} is set")
         pack_linears(model)
+    if huge_pages:
+        use_huge_pages(model)
     if compile:
         try:
             model.compile_inference()
@@ -231,6 +236,7 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
                 use_gemv(model)
             else:
                 pack_linears(model, experts=name == "experts packed")
+            use_huge_pages(model)  # as the server does by default
             if compile:
                 model.compile_inference()
             report["default_model"][name] = {

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from model import gemv
 from model.checkpoint import load_model
+from model.huge_pages import huge_page_bytes, use_huge_pages
 from model.packed import can_pack, pack_linears, packing_pays_here
 from model.quantized import quantize_int8
 
@@ -51,9 +52,9 @@ def missing_compiler(device: torch.device) -> str | None:
 
 
 def _speed_up(model, settings: Settings, metrics: Metrics) -> None:
-    """Quantize, or route the projections through the few-row kernel (the default on CPU) or oneDNN packing, and
-    compile, as the settings ask. Compiling and the kernel are the default where they can work; where they
-    cannot, or fail, the paths before them serve, after one warning."""
+    """Quantize, or route the projections through the few-row kernel (the default on CPU) or oneDNN packing, move
+    the weights into huge pages, and compile, as the settings ask. Compiling, the kernel and huge pages are the
+    default where they can work; where they cannot, or fail, the paths before them serve."""
     if settings.quantize == "int8":
         log.info("quantized %d Linear layers and the MoE experts to int8", quantize_int8(model))
     elif settings.pack_weights is None and gemv.can_use(model) and (n := gemv.use_gemv(model)):
@@ -67,6 +68,9 @@ def _speed_up(model, settings: Settings, metrics: Metrics) -> None:
         else:
             why = "--no-pack-weights" if settings.pack_weights is False else "MKL's fp32 GEMV is faster on Intel CPUs"
             log.info("Linear layers left to F.linear (%s)", why)
+    if settings.huge_pages and model.embeddings.weight.device.type == "cpu" and (moved := use_huge_pages(model)):
+        backed = huge_page_bytes(model.embeddings.weight)
+        log.info("weights in transparent huge pages: %d MiB moved, %d MiB backed", moved >> 20, backed >> 20)
     compiled = False
     if settings.compile and (why := missing_compiler(model.embeddings.weight.device)):
         log.warning("not compiling: %s; serving the eager path (install g++, or pass --no-compile)", why)

@@ -12,6 +12,7 @@ import pytest
 
 from aetheris.defaults import DEFAULT_MODEL_DIR as DEFAULT
 from aetheris.serverproc import ServerProcess
+from model import huge_pages
 from model.checkpoint import load_model
 from model.quantized import quantize_int8
 from tests.helpers import greedy
@@ -82,16 +83,18 @@ def test_server_defaults_to_the_embedded_model(default_model):
 
 
 def test_fast_paths_tell_the_same_story():
-    """The default (the few-row kernel), packed, packed + compiled, and plain F.linear: the same greedy text end
-    to end."""
+    """The default (the few-row kernel, weights in huge pages), packed, packed + compiled, and plain F.linear in
+    4 KiB pages: the same greedy text end to end."""
     default, log = _story()
     assert "few-row kernel (bf16: " in log and "serves 13 Linear layers and the MoE experts" in log, log
+    assert ("weights in transparent huge pages" in log) == huge_pages.available(), log
     packed, log = _story("--pack-weights")
     assert "packed 13 Linear layers" in log, log  # 3 per mixer x 4 + the head; MoE experts and routers stay
     compiled, log = _story("--pack-weights", "--compile", timeout=600)
     assert "compiled the decode step and the prefill scan" in log, log
-    plain, log = _story("--no-pack-weights")
+    plain, log = _story("--no-pack-weights", "--no-huge-pages")
     assert "Linear layers left to F.linear (--no-pack-weights)" in log, log
+    assert "huge pages" not in log, log
     assert compiled == packed == plain == default
 
 

@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from model import huge_pages
 from tests.dockerenv import DockerEngine, local_torch_index, stand_in_python_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +152,8 @@ def test_build_and_serve_the_real_image(tmp_path_factory):
         logs = engine.docker("logs", container).stderr
         assert "aetheris_compiled 1.0" in metrics, logs[-3000:]
         assert "few-row kernel (bf16: " in logs, logs[-3000:]  # and builds the projections' kernel
+        # the container sees the host's THP setting (sysfs is mounted read-only) and moves the weights
+        assert ("weights in transparent huge pages" in logs) == huge_pages.available(), logs[-3000:]
     finally:
         index.kill()
         subprocess.run(["docker", "-H", engine.host, "rm", "-f", container], capture_output=True)
