@@ -13,8 +13,9 @@ import torch
 from model.packed import PackedLinear, can_pack
 
 # Our engine as `python -m server` serves it with each flag: (pack weights for oneDNN, compile the decode step
-# and prefill scan, quantize to int8); None is the server's default: the few-row kernel (model/gemv.py).
-OURS = {  # system: load_ours(pack, compile, quantize, huge_pages)
+# and prefill scan, quantize to int8, weights in huge pages); pack None is the server's default: the few-row
+# kernel (model/gemv.py).
+OURS = {
     "ours": (None, True, False, True),
     "ours --pack-weights": (True, True, False, True),
     "ours --no-pack-weights": (False, True, False, True),
