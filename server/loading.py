@@ -68,7 +68,7 @@ def _speed_up(model, settings: Settings, metrics: Metrics) -> None:
         else:
             why = "--no-pack-weights" if settings.pack_weights is False else "MKL's fp32 GEMV is faster on Intel CPUs"
             log.info("Linear layers left to F.linear (%s)", why)
-    if settings.huge_pages and model.embeddings.weight.device.type == "cpu" and (moved := use_huge_pages(model)):
+    if settings.huge_pages and (moved := use_huge_pages(model)):  # CPU weights only: 0 on a GPU
         backed = huge_page_bytes(model.embeddings.weight)
         log.info("weights in transparent huge pages: %d MiB moved, %d MiB backed", moved >> 20, backed >> 20)
     compiled = False
