@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from model.hf import jamba_config
+from model.families.jamba import config as jamba_config
 from model.lm import HybridLM
 from model.state import ModelState
 

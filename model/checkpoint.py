@@ -1,4 +1,4 @@
-"""Checkpoints: our directory format, Hugging Face Mamba / Jamba / Mamba-2 family directories, and Hub repo ids.
+"""Checkpoints: our directory format, the Hugging Face family directories of model/families, and Hub repo ids.
 
 `CheckpointError` (model/errors.py, re-exported here) is what every loader raises for a checkpoint it refuses.
 
@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import hf, hf_mamba2
 from .config import ModelConfig
 from .errors import CheckpointError
+from .families import detect
 from .lm import HybridLM
 from .packed import is_packed
 from .quantized import is_quantized
@@ -99,26 +99,17 @@ def _embedding_rows(sd: dict[str, Tensor]) -> int | None:
 def config_and_weights(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Read any supported checkpoint directory into our config and our parameter names."""
     raw = _read_config(directory)
-    fmt = hf.detect_format(raw)
+    family = detect(raw)
     sd = read_safetensors(directory)
-    if fmt == "aetheris":
-        try:
-            cfg = ModelConfig.from_dict(raw)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
-    elif fmt == "mamba":
-        cfg, sd = hf.mamba_config(raw, _embedding_rows(sd)), hf.convert_mamba_state_dict(sd)
-    elif fmt == "jamba":
-        cfg, sd = hf.jamba_config(raw, _embedding_rows(sd)), hf.convert_jamba_state_dict(sd)
-    else:
-        make_config, convert = hf_mamba2.FAMILIES[fmt]
-        try:  # a config whose values our ModelConfig rejects (e.g. groups not dividing heads) is the checkpoint's
-            cfg = make_config(raw, _embedding_rows(sd))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
-        sd = convert(sd, cfg)
-    if "lm_head.weight" not in sd and fmt == "mamba":
-        cfg.tie_embeddings = True  # a missing lm_head is the tied embedding (HF's default for Mamba)
+    try:  # a config whose values our ModelConfig rejects (e.g. groups not dividing heads) is the checkpoint's
+        cfg = family.config(raw, _embedding_rows(sd))
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
+    sd = family.convert(sd, cfg)
+    if "lm_head.weight" not in sd and family.tie_missing_head:
+        cfg.tie_embeddings = True  # a missing lm_head is the tied embedding
     elif cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # stored anyway by some writers; the tie makes it the embedding
     return cfg, sd
