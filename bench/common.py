@@ -11,17 +11,17 @@ from collections.abc import Callable
 import torch
 
 from model.packed import PackedLinear, can_pack
+from model.prepare import Speedups
 
-# Our engine as `python -m server` serves it with each flag: (pack weights for oneDNN, compile the decode step
-# and prefill scan, quantize to int8, weights in huge pages); pack None is the server's default: the few-row
-# kernel (model/gemv.py).
+# Our engine as `python -m server` serves it with each flag (model/prepare.py's Speedups; the defaults are
+# the server's: the few-row kernel, weights in huge pages, compiled).
 OURS = {
-    "ours": (None, True, False, True),
-    "ours --pack-weights": (True, True, False, True),
-    "ours --no-pack-weights": (False, True, False, True),
-    "ours --no-compile": (None, False, False, True),
-    "ours --no-huge-pages": (None, True, False, False),
-    "ours --quantize int8": (False, True, True, True),
+    "ours": Speedups(),
+    "ours --pack-weights": Speedups(pack=True),
+    "ours --no-pack-weights": Speedups(pack=False),
+    "ours --no-compile": Speedups(compile=False),
+    "ours --no-huge-pages": Speedups(huge_pages=False),
+    "ours --quantize int8": Speedups(quantize="int8"),
 }
 
 

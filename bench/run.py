@@ -27,45 +27,18 @@ from bench.report import to_json, write  # noqa: E402
 from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model import gemv  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.gemv import use_gemv  # noqa: E402
-from model.huge_pages import use_huge_pages  # noqa: E402
-from model.packed import NO_BF16_ENV, can_pack, pack_linears, packing_pays_here  # noqa: E402
-from model.quantized import quantize_int8  # noqa: E402
+from model.packed import packing_pays_here  # noqa: E402
+from model.prepare import NotSupported, Speedups, prepare_for_inference  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"
 
 
-class NotSupported(Exception):
-    """This CPU (or toolchain) cannot run a configuration; the report marks it instead of measuring it."""
-
-
-def load_ours(
-    path: Path,
-    dtype: torch.dtype = torch.float32,
-    pack: bool | None = None,
-    compile: bool = True,
-    quantize: bool = False,
-    huge_pages: bool = True,
-):
-    """Our model as the server loads it with the flags a benchmark row names (server/loading.py's _speed_up)."""
+def load_ours(path: Path, dtype: torch.dtype = torch.float32, speedups: Speedups = common.OURS["ours"]):
+    """Our model as the server loads it with the flags a benchmark row names (NotSupported where this machine
+    cannot run them)."""
     model, tok = load_model(path, dtype=dtype)
-    if pack is None and not quantize and use_gemv(model):  # the server's default
-        pack = False
-    pack = packing_pays_here(dtype) if pack is None else pack
-    if quantize:
-        quantize_int8(model)
-    elif pack:
-        if not can_pack(model):
-            raise NotSupported(f"oneDNN weight packing in {dtype}: no bf16 instructions here, or {NO_BF16_ENV} is set")
-        pack_linears(model)
-    if huge_pages:
-        use_huge_pages(model)
-    if compile:
-        try:
-            model.compile_inference()
-        except Exception as e:  # no C++ compiler, or inductor cannot build for this CPU
-            raise NotSupported(f"torch.compile ({type(e).__name__})") from e
+    prepare_for_inference(model, speedups, strict=True)
     return model, tok
 
 
@@ -83,7 +56,7 @@ def load_variants(path: Path, dtype: torch.dtype, systems, unsupported: dict) ->
     variants = {}
     for system in systems:
         try:
-            variants[system] = load_ours(path, dtype, *common.OURS[system])
+            variants[system] = load_ours(path, dtype, common.OURS[system])
         except NotSupported as e:
             unsupported[f"{system} / {name}"] = str(e)
             print(f"{system} {name}: not supported here: {e}", flush=True)
@@ -216,7 +189,7 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
         report["roofline"]["read_samples"].append(common.read_bandwidth())
 
     def latency():
-        model, tok = load_ours(hf_dir, compile="ours / float32" not in unsupported)
+        model, tok = load_ours(hf_dir, speedups=Speedups(compile="ours / float32" not in unsupported))
         report["latency"] = {pos: ours.decode_latency_at(model, pos) for pos in (100, args.far)}
         if 32 in args.batches:
             cpu = time.process_time()
@@ -227,18 +200,15 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
         """The MoE default model, compiled: on the few-row kernel (the server's default), with every Linear and its
         experts packed, with only the experts left unpacked, and in int8; decode tokens/s per batch."""
         compile = "ours / float32" not in unsupported
+        variants = {
+            "few-row kernel": Speedups(compile=compile),
+            "experts packed": Speedups(pack=True, compile=compile),
+            "experts unpacked": Speedups(pack=True, pack_experts=False, compile=compile),
+            "int8": Speedups(quantize="int8", compile=compile),
+        }
         report["default_model"] = {}
-        for name in ("few-row kernel", "experts packed", "experts unpacked", "int8"):
-            model, tok = load_model(DEFAULT_MODEL)
-            if name == "int8":
-                quantize_int8(model)
-            elif name == "few-row kernel":
-                use_gemv(model)
-            else:
-                pack_linears(model, experts=name == "experts packed")
-            use_huge_pages(model)  # as the server does by default
-            if compile:
-                model.compile_inference()
+        for name, speedups in variants.items():
+            model, tok = load_ours(DEFAULT_MODEL, speedups=speedups)
             report["default_model"][name] = {
                 b: ours.decode_tokens_per_s(model, tok, b, args.tokens) for b in args.batches
             }

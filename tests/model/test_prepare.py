@@ -1,0 +1,89 @@
+"""The load-time speed-up chain (model/prepare.py) that the server and the benchmarks share: which form the
+projections take for each setting, what it says it did, and where it cannot work, a fallback with a warning
+(the server) or NotSupported (the benchmarks, `strict`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model.prepare as prepare
+from model import gemv, huge_pages
+from model.packed import can_pack
+from model.prepare import NotSupported, Speedups, prepare_for_inference
+from tests.helpers import tiny
+
+TOKENS = torch.tensor([[3, 14, 15, 92, 65, 35]])
+
+
+def _model():
+    torch.manual_seed(0)
+    return tiny("moe-mamba")
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.mark.parametrize(
+    "speedups, linears",
+    [
+        (Speedups(compile=False), "few-row kernel" if gemv.compiler() else None),
+        (Speedups(pack=True, compile=False), "oneDNN packed"),
+        (Speedups(pack=False, compile=False), "F.linear"),
+        (Speedups(quantize="int8", compile=False), "int8"),
+    ],
+)
+def test_each_setting_serves_the_same_model(speedups, linears):
+    if linears == "oneDNN packed" and not can_pack(_model()):
+        pytest.skip("oneDNN does not pack fp32 here")  # mkldnn missing from this torch build
+    model = _model()
+    want = _logits(model)
+    done = prepare_for_inference(model, speedups)
+    assert done.linears == (linears or done.linears) and not done.compiled and not done.warnings
+    atol = 0.05 if linears == "int8" else 1e-4
+    torch.testing.assert_close(_logits(model), want, atol=atol, rtol=atol)
+    if linears == "F.linear":
+        assert done.notes[0] == "Linear layers left to F.linear (--no-pack-weights)"
+    if speedups.huge_pages and huge_pages.available():
+        assert done.huge_page_bytes > 0 and "weights in transparent huge pages" in done.notes[-1]
+
+
+def test_no_huge_pages_moves_nothing():
+    done = prepare_for_inference(_model(), Speedups(pack=False, huge_pages=False, compile=False))
+    assert done.huge_page_bytes == 0 and all("huge pages" not in n for n in done.notes)
+
+
+def test_without_a_compiler_the_server_warns_and_the_benchmark_refuses(monkeypatch):
+    monkeypatch.setattr(prepare.shutil, "which", lambda name: None)
+    done = prepare_for_inference(_model(), Speedups(pack=False, huge_pages=False))
+    assert not done.compiled
+    assert done.warnings == [
+        "not compiling: no C++ compiler (g++ / c++) on PATH; serving the eager path (install g++, or pass --no-compile)"
+    ]
+    with pytest.raises(NotSupported, match="no C\\+\\+ compiler"):
+        prepare_for_inference(_model(), Speedups(pack=False, huge_pages=False), strict=True)
+
+
+def test_a_failed_compile_falls_back_to_eager(monkeypatch):
+    model = _model()
+    want = _logits(model)
+
+    def fail():
+        raise RuntimeError("inductor cannot build")
+
+    monkeypatch.setattr(model, "compile_inference", fail)
+    done = prepare_for_inference(model, Speedups(pack=False, huge_pages=False))
+    assert not done.compiled and done.warnings[0].startswith("torch.compile failed (RuntimeError: inductor")
+    torch.testing.assert_close(_logits(model), want)
+    with pytest.raises(NotSupported, match="torch.compile \\(RuntimeError\\)"):
+        prepare_for_inference(model, Speedups(pack=False, huge_pages=False), strict=True)
+
+
+def test_packing_asked_for_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(prepare, "can_pack", lambda model: False)
+    done = prepare_for_inference(_model(), Speedups(pack=True, huge_pages=False, compile=False))
+    assert done.linears == "F.linear" and done.notes == []  # the server serves plain F.linear
+    with pytest.raises(NotSupported, match="oneDNN weight packing"):
+        prepare_for_inference(_model(), Speedups(pack=True, huge_pages=False, compile=False), strict=True)
