@@ -9,8 +9,8 @@ import torch
 
 from model import HybridLM
 from model.tokenizer import Tokenizer
-from server.core import CoreConfig, EngineCore
-from server.types import GenerationRequest, SamplingParams
+from server.engine.core import CoreConfig, EngineCore
+from server.engine_io import GenerationRequest, SamplingParams
 
 
 def decode_tokens_per_s(
@@ -23,12 +23,17 @@ def decode_tokens_per_s(
     cuda_graphs: bool = True,
 ) -> float:
     """B greedy sequences of `new_tokens` after a short prompt (each under `grammar` when given, a compiled
-    server.grammar spec); only iterations where all B decode count. On a GPU the engine replays CUDA graphs
+    server.engine.grammar spec); only iterations where all B decode count. On a GPU the engine replays CUDA graphs
     where the model allows, as the server does, unless `cuda_graphs` is False."""
     # K/V (attention layers) paged as the server keeps it, with blocks for every sequence's whole length
     blocks = batch * -(-(prompt_len + new_tokens) // 16)
     cfg = CoreConfig(
-        batch, batch * prompt_len, 0, max_model_len=prompt_len + new_tokens, kv_blocks=blocks, cuda_graphs=cuda_graphs
+        max_batch_size=batch,
+        prefill_budget=batch * prompt_len,
+        state_cache_bytes=0,
+        max_model_len=prompt_len + new_tokens,
+        kv_blocks=blocks,
+        cuda_graphs=cuda_graphs,
     )
     core = EngineCore(model, tok, cfg)
     done = []

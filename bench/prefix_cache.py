@@ -18,10 +18,10 @@ import torch
 
 from aetheris.defaults import DEFAULT_MODEL_DIR
 from model.checkpoint import load_model
-from server.chat import message_boundaries
-from server.core import CoreConfig, EngineCore
-from server.prefix_cache import PrefixCache
-from server.types import GenerationRequest, SamplingParams
+from server.api.chat import message_boundaries
+from server.engine.core import CoreConfig, EngineCore
+from server.engine.prefix_cache import PrefixCache
+from server.engine_io import GenerationRequest, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT / "data" / "corpus" / "tinystories_valid_first1000.txt"
@@ -58,7 +58,7 @@ def system_prompt(tok, n_tokens: int) -> str:
 
 
 def shared_system(model, tok, cache_mb: float) -> list[float]:
-    core = EngineCore(model, tok, CoreConfig(4, 512, int(cache_mb * 2**20)))
+    core = EngineCore(model, tok, CoreConfig(max_batch_size=4, state_cache_bytes=int(cache_mb * 2**20)))
     system = {"role": "system", "content": system_prompt(tok, 1000)}
     questions = [f"Tell me a story about animal number {i} and its friend." for i in range(16)]
     return [ttft(core, tok, [system, {"role": "user", "content": q}], f"u{i}")[0] for i, q in enumerate(questions)]
@@ -66,7 +66,7 @@ def shared_system(model, tok, cache_mb: float) -> list[float]:
 
 def chat_turns(model, tok) -> list[float]:
     """Each turn's reply is the model's own (48 tokens), as in a chat UI, so the next turn resumes after it."""
-    core = EngineCore(model, tok, CoreConfig(4, 512, 256 << 20))
+    core = EngineCore(model, tok, CoreConfig(max_batch_size=4, state_cache_bytes=256 << 20))
     history, times = [{"role": "system", "content": "You tell stories."}], []
     for turn in range(10):
         history.append({"role": "user", "content": f"Go on with part {turn + 1}."})
@@ -80,10 +80,10 @@ def regenerate_and_edit(model, tok) -> dict[str, float]:
     history = [{"role": "system", "content": system_prompt(tok, 600)}, {"role": "user", "content": "A story?"}]
     history += [{"role": "assistant", "content": system_prompt(tok, 300)}, {"role": "user", "content": "More."}]
     edited = [*history[:-1], {"role": "user", "content": "Something else."}]
-    warm = EngineCore(model, tok, CoreConfig(4, 512, 256 << 20))
+    warm = EngineCore(model, tok, CoreConfig(max_batch_size=4, state_cache_bytes=256 << 20))
     ttft(warm, tok, history, "first")
     out = {"regenerate": ttft(warm, tok, history, "again")[0], "edit": ttft(warm, tok, edited, "edited")[0]}
-    cold = EngineCore(model, tok, CoreConfig(4, 512, 0))
+    cold = EngineCore(model, tok, CoreConfig(max_batch_size=4, state_cache_bytes=0))
     out["cold"] = statistics.median(ttft(cold, tok, history, f"c{i}")[0] for i in range(3))
     return out
 
@@ -106,7 +106,12 @@ def bookkeeping(model, tok, length: int = 32768) -> dict[str, float]:
 def main() -> None:
     torch.set_num_threads(2)
     model, tok = load_model(DEFAULT_MODEL_DIR)
-    ttft(EngineCore(model, tok, CoreConfig(4, 512, 0)), tok, [{"role": "user", "content": "warm up"}], "w")
+    ttft(
+        EngineCore(model, tok, CoreConfig(max_batch_size=4, state_cache_bytes=0)),
+        tok,
+        [{"role": "user", "content": "warm up"}],
+        "w",
+    )
     regen = regenerate_and_edit(model, tok)
     on, off = shared_system(model, tok, 256), shared_system(model, tok, 0)
     turns = chat_turns(model, tok)

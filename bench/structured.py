@@ -22,7 +22,7 @@ from bench import ours
 from bench.weights import mamba_130m
 from model.checkpoint import load_model
 from model.packed import can_pack, pack_linears
-from server.grammar import GrammarCompiler, GrammarSpec
+from server.engine.grammar import GrammarCompiler, GrammarSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}}, "required": ["story"]}

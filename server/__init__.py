@@ -1,2 +1,2 @@
-"""Aetheris server: the continuous-batching engine (core, engine, state_pool, sequence; no FastAPI) and the
-OpenAI-compatible API on top of it (app, protocol, chat, completions, streaming)."""
+"""Aetheris server: the OpenAI-compatible API (api/) on top of the continuous-batching engine (engine/),
+which exchange the plain dataclasses of engine_io.py; app.py, loading.py and settings.py put them together."""

@@ -1,8 +1,8 @@
-"""The FastAPI application factory: state, middleware, error handlers and routers put together.
+"""The FastAPI application: the api/ pieces put together with the loader that builds the model behind them.
 
-Where things are: loading.py (the lifespan that loads the model), deps.py (auth and the loaded model as
-dependencies), routers.py (the routes), middleware.py (body limit, request id), errors.py (OpenAI-shaped
-errors).
+Where things are: api/holder.py (the model, loading in the background), api/routers.py and api/page.py (the
+routes), api/middleware.py (API key, body limit, request id), api/errors.py (OpenAI-shaped errors), loading.py
+(settings -> model -> engine).
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import errors
-from .loading import ModelHolder, lifespan
-from .middleware import ApiKeyGate, BodyLimit, RequestId
-from .routers import openai_router, ops_router, page_router, tokenizer_router
-from .serving import Serving
+from .api import errors
+from .api.holder import ModelHolder, lifespan
+from .api.middleware import ApiKeyGate, BodyLimit, RequestId
+from .api.page import page_router
+from .api.routers import openai_router, ops_router, tokenizer_router
+from .api.serving import Serving
+from .loading import build_serving
 from .settings import Settings
 
 
@@ -26,7 +28,7 @@ def create_app(settings: Settings, serving: Serving | None = None) -> FastAPI:
         lifespan=lifespan,
         description="OpenAI-compatible server for hybrid Mamba + MoE language models",
     )
-    app.state.holder = ModelHolder(settings, serving)
+    app.state.holder = ModelHolder(settings, serving, loader=build_serving)
     errors.install(app)
     # Added first, so innermost: CORS (outside it) answers preflights and adds its headers to a 401.
     app.add_middleware(ApiKeyGate, key=settings.api_key, metrics=settings.metrics_require_key)
