@@ -9,6 +9,7 @@ on 2 cores slow each other 5-7x.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -155,7 +156,7 @@ def main() -> None:
     report = {
         "machine": common.machine_line(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "args": {**vars(args), "out": str(args.out)},
+        "args": {**vars(args), "out": os.path.relpath(args.out.resolve(), ROOT)},
         "command": " ".join(["python bench/run.py", *sys.argv[1:]]),
         "unsupported": {},
         "failed": {},

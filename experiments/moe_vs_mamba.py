@@ -69,6 +69,16 @@ def train(cfg: dict) -> dict:
     }
 
 
+def repo_relative(args: dict) -> dict:
+    """Paths inside the repository as relative ones, so a results file names no machine's folders."""
+
+    def relative(value):
+        path = Path(value).resolve() if isinstance(value, str) and Path(value).is_absolute() else None
+        return str(path.relative_to(ROOT)) if path is not None and ROOT in path.parents else value
+
+    return {key: relative(value) for key, value in args.items()}
+
+
 def first_step_reaching(evals: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, loss in evals if loss <= target), None)
 
@@ -133,7 +143,9 @@ def report(args, results: dict) -> None:
         )
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"args": repo_relative(vars(args)), "results": results}, indent=2) + "\n"
+    )
     plot(results, out / "eval_loss.png")
     print(table)
 
