@@ -2,7 +2,7 @@
 
 A 50,000-token prompt is sent to the embedded model (a pure SSM: no context limit). While it is being
 prefilled, a short chat request is sent and timed from sending to its first streamed token (TTFT), and
-/health is polled every 50 ms. The prefill budget is shared fairly (server/scheduler.py), so the short
+/health is polled every 50 ms. The prefill budget is shared fairly (server/engine/scheduler.py), so the short
 request waits about one iteration, not for the whole long prefill; tokenisation runs off the event loop, so
 /health answers throughout.
 

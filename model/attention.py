@@ -109,7 +109,7 @@ class Attention(nn.Module):
         """u (B, D), one token per row at the row's own position -> (B, D); writes k, v and len in place.
 
         With a `block_table` in the state, k and v are the engine's paged block pool (nBlocks, nKV, bs, hd) and
-        row r's token t lives at position t % bs of block block_table[r, t // bs] (server/kv_blocks.py)."""
+        row r's token t lives at position t % bs of block block_table[r, t // bs] (server/engine/kv_blocks.py)."""
         B = u.shape[0]
         pos = state["len"]  # (B,)
         q, k, v = self._qkv(u.unsqueeze(1), pos.unsqueeze(1))  # (B, nH, 1, hd), (B, nKV, 1, hd)

@@ -84,7 +84,7 @@ class SamplingFields(OpenAIModel):
     top_k: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
-    # Extensions: vLLM's constrained-decoding fields (server/structured.py turns them into one grammar).
+    # Extensions: vLLM's constrained-decoding fields (structured.py turns them into one grammar).
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None

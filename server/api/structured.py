@@ -3,7 +3,7 @@
 Accepted, on both endpoints: OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema"})
 and vLLM's extensions `structured_outputs` ({"json" | "regex" | "choice" | "json_object"}), `guided_json`,
 `guided_regex` and `guided_choice`. A request names at most one of them; chat's tool_choice "required" or a
-named function sets the grammar itself (server/tools.py) and cannot be combined with another.
+named function sets the grammar itself (tools.py) and cannot be combined with another.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Each `step()`:
      into n pool rows, and its first tokens sampled;
   3. the runner runs ONE batched decode step over every running sequence (continuous batching), in place
      on the pool's rows; the sampler draws the next tokens and the output processor emits them.
-The core is synchronous and single-threaded; server/engine.py runs it in a thread and carries requests in
+The core is synchronous and single-threaded; async_engine.py runs it in a thread and carries requests in
 and outputs out.
 """
 
