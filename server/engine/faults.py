@@ -17,12 +17,8 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from .sampler import Sampled
-
-if TYPE_CHECKING:
-    from .core import EngineCore
 
 log = logging.getLogger("aetheris.engine")
 
@@ -52,8 +48,8 @@ def _seeds(seqs) -> list[int | None]:
     return [s.params.seed for s in seqs]
 
 
-def install(core: EngineCore) -> None:
-    """Wrap `core`'s step, its runner's prefill / decode / start_decoding and its sampler with the faults of
+def install(core) -> None:
+    """Wrap an EngineCore's step, its runner's prefill / decode / start_decoding and its sampler with the faults of
     AETHERIS_FAULTS; nothing when it is unset."""
     if not FAULTS:
         return
