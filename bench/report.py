@@ -95,6 +95,38 @@ def targets(r: dict) -> list[str]:
     return ["| target | measured | goal | |", "|---|---:|---:|---|", *out]
 
 
+def ratio_table(r: dict) -> list[str]:
+    """Ours (the default) over each peer, decode per batch and prefill per length, from one run's medians."""
+    batches, lengths = r["args"]["batches"], r["args"]["prefill"]
+    d, p = r.get("decode", {}), r.get("prefill", {})
+    heads = [f"decode, batch {b}" for b in batches] + [f"prefill, {n} tokens" for n in lengths]
+    rows = ["| ours vs | dtype | " + " | ".join(heads) + " |", "|---|---|" + "---:|" * len(heads)]
+    for dtype in ("float32", "bfloat16"):
+        for peer in ("llama.cpp", "transformers"):
+            cells = [_ratio(_med(d, (BEST, dtype, b)), _med(d, (peer, dtype, b))) for b in batches]
+            cells += [_ratio(_med(p, (BEST, n)), _med(p, (peer, n))) if dtype == "float32" else None for n in lengths]
+            if any(cells):
+                rows.append(f"| {peer} | {dtype} | " + " | ".join(f"{c:.2f}x" if c else "-" for c in cells) + " |")
+    return rows
+
+
+SUMMARY_START, SUMMARY_END = "<!-- summary: written by bench/run.py -->", "<!-- end of summary -->"
+
+
+def update_summary(readme: Path, r: dict) -> bool:
+    """Replace the summary block of bench/results/README.md (between its markers) with this run's ratios;
+    False when the file or its markers are missing."""
+    text = readme.read_text() if readme.exists() else ""
+    if SUMMARY_START not in text or SUMMARY_END not in text:
+        return False
+    head, rest = text.split(SUMMARY_START, 1)
+    tail = rest.split(SUMMARY_END, 1)[1]
+    run = f"Run {r['date']} on {r['machine']}: `{r.get('command', 'python bench/run.py')}`, medians."
+    block = "\n".join(["", run, "", *ratio_table(r), ""])
+    readme.write_text(head + SUMMARY_START + block + "\n" + SUMMARY_END + tail)
+    return True
+
+
 def _intro(r: dict) -> list[str]:
     linears = r.get("default_linears", "oneDNN-packed or F.linear projections")
     return [
@@ -213,8 +245,12 @@ def write(r: dict, out_dir: Path) -> None:
         lines.append("")
     if "quality" in r:
         lines += quality_lines(r["quality"])
+    if "decode" in r:
+        lines += ["## Ours over each peer", "", *ratio_table(r), ""]
     lines += ["## Targets", "", *targets(r), ""]
     (out_dir / "results.md").write_text("\n".join(lines))
+    if "decode" in r:
+        update_summary(out_dir / "README.md", r)
     (out_dir / "results.json").write_text(to_json(r))
     if "decode" in r:
         plot(r, out_dir / "decode.png")

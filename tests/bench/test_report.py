@@ -3,7 +3,7 @@ not run are left out, and a partial run round-trips through JSON."""
 
 import json
 
-from bench.report import load, to_json, write
+from bench.report import SUMMARY_END, SUMMARY_START, load, ratio_table, to_json, update_summary, write
 
 
 def partial_run() -> dict:
@@ -84,3 +84,17 @@ def test_full_run_checks_the_targets_against_llama_cpp(tmp_path):
     assert "| ours | 41.0, 90 ms |" in md and "| llama-cpp-python | 500.0, 90 ms |" in md
     assert "- experts unpacked: batch 1: 300" in md and "(+0.50%)" in md
     assert load(tmp_path / "results.json")["default_model"] == full_run()["default_model"]  # int keys come back
+
+
+def test_ratio_table_and_the_summary_block(tmp_path):
+    run = partial_run()
+    run["decode"][("llama.cpp", "float32", 1)] = {"median": 40.0, "min": 40.0, "max": 40.0}
+    assert "| llama.cpp | float32 | 1.25x | - | - |" in ratio_table(run)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Results\n\n{SUMMARY_START}\nold figures\n{SUMMARY_END}\n\n## Method\nkept\n")
+    write(run, tmp_path)
+    text = readme.read_text()
+    assert "old figures" not in text and "| llama.cpp | float32 | 1.25x |" in text
+    assert text.startswith("# Results\n") and text.endswith("## Method\nkept\n")
+    assert "Run 2026-12-01 00:00 on test CPU" in text
+    assert not update_summary(tmp_path / "missing.md", run)
