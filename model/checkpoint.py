@@ -13,6 +13,7 @@ pickle. Every tensor is checked: a missing, unexpected or mis-shaped tensor rais
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from .tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+PICKLES = ("*.pth", "*.pt", "*.bin", "*.ckpt")  # PyTorch pickles, which running would trust: never read
+log = logging.getLogger("aetheris")
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
@@ -38,7 +41,7 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     local cache when HF_HUB_OFFLINE=1) with huggingface_hub.snapshot_download."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
-        return path
+        return find_checkpoint(path)
     if path.exists() or str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
         raise CheckpointError(f"{path_or_id}: not a checkpoint directory")
     from huggingface_hub import snapshot_download
@@ -48,6 +51,32 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     except Exception as e:  # network, auth, offline without cache: one clear message
         raise CheckpointError(f"{path_or_id}: not a local directory and not loadable from the Hub ({e})") from e
     return Path(local)
+
+
+def find_checkpoint(directory: Path) -> Path:
+    """A directory holding a checkpoint (config.json) as is. One that holds none itself: the checkpoint its
+    `latest` pointer names (what training writes), else the only checkpoint directory right below it, said in
+    one log line; several candidates, or only PyTorch pickles, are an error saying so."""
+    if (directory / "config.json").exists():
+        return directory
+    pointer = directory / "latest"
+    if pointer.is_file() and (directory / pointer.read_text().strip() / "config.json").exists():
+        found = directory / pointer.read_text().strip()
+        log.info("%s holds no checkpoint itself; loading %s, which its `latest` pointer names", directory, found)
+        return found
+    below = sorted(p for p in directory.iterdir() if p.is_dir() and (p / "config.json").exists())
+    if len(below) == 1:
+        log.info("%s holds no checkpoint itself; loading %s, the one checkpoint below it", directory, below[0])
+        return below[0]
+    if below:
+        names = ", ".join(p.name for p in below)
+        raise CheckpointError(f"{directory}: holds no checkpoint itself but several below it ({names}); name one")
+    if pickles := sorted(p.name for pattern in PICKLES for p in directory.glob(pattern)):
+        raise CheckpointError(
+            f"{directory}: {pickles[0]} is a PyTorch pickle; only safetensors checkpoints are read "
+            "(config.json + model.safetensors, as `aetheris train` writes them)"
+        )
+    return directory  # reading it names what is missing
 
 
 def read_safetensors(directory: Path) -> dict[str, Tensor]:

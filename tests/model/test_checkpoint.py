@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import HybridLM
-from model.checkpoint import CheckpointError, load_model, save_checkpoint
+from model.checkpoint import CheckpointError, load_model, resolve, save_checkpoint
 from tests.helpers import make_tiny_checkpoint, tiny_config, toy_tokenizer
 
 
@@ -63,6 +63,9 @@ def test_pickle_only_and_missing_files_refused(tmp_path):
     with pytest.raises(CheckpointError, match="only safetensors is read"):
         load_model(tmp_path)
     (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is a PyTorch pickle; only safetensors"):
+        load_model(tmp_path)
+    (tmp_path / "pytorch_model.bin").unlink()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_model(tmp_path)
 
@@ -91,3 +94,23 @@ def test_unknown_layer_type_is_refused_naming_it(tmp_path):
     (directory / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="layer mixer 'retention' is not supported"):
         load_model(directory)
+
+
+def test_a_folder_above_checkpoints_finds_the_one_meant(tmp_path, caplog):
+    """The original project's `--checkpoint_dir checkpoints`: one checkpoint below is taken, a `latest`
+    pointer (what training writes) wins, several are listed, and a folder of pickles says only safetensors
+    are read."""
+    make_tiny_checkpoint(tmp_path / "runs" / "step-1")
+    with caplog.at_level("INFO", logger="aetheris"):
+        assert resolve(tmp_path / "runs") == tmp_path / "runs" / "step-1"
+    assert "the one checkpoint below it" in caplog.text
+    make_tiny_checkpoint(tmp_path / "runs" / "step-2")
+    with pytest.raises(CheckpointError, match=r"several below it \(step-1, step-2\); name one"):
+        resolve(tmp_path / "runs")
+    (tmp_path / "runs" / "latest").write_text("step-1\n")
+    assert resolve(tmp_path / "runs") == tmp_path / "runs" / "step-1"
+    load_model(tmp_path / "runs")
+    (tmp_path / "old").mkdir()
+    torch.save({"step": 1}, tmp_path / "old" / "checkpoint_current.pth")
+    with pytest.raises(CheckpointError, match="checkpoint_current.pth is a PyTorch pickle; only safetensors"):
+        load_model(tmp_path / "old")

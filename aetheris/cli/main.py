@@ -7,6 +7,7 @@ Each subcommand documents its options in --help. Bad options or config values en
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # e.g. which checkpoint was found
     from model.checkpoint import CheckpointError
     from training.config import ConfigError
 
