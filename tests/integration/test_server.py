@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 
 import httpx
 import openai
@@ -396,19 +397,41 @@ def test_completions_streaming_with_echo_and_usage(client, reference):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 
 
-def test_logit_bias_and_penalties_change_sampling(client, reference):
+def _outputs(client, tok, **kw) -> list[list[int]]:
+    """Each choice's output token ids (from its logprobs' exact bytes) for a chat turn that ignores EOS."""
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], logprobs=True, extra_body={"ignore_eos": True},
+        **kw,
+    )  # fmt: skip
+    ids = {tok.token_bytes(t): t for t in range(tok.vocab_size)}
+    return [[ids[bytes(lp.bytes)] for lp in c.logprobs.content] for c in r.choices]
+
+
+def _most_repeated(tokens: list[int]) -> tuple[int, int]:
+    return Counter(tokens).most_common(1)[0]
+
+
+def test_logit_bias_raises_a_token_and_minus_100_forbids_it(client, reference):
     tok = reference[1]
-    forced = tok.encode(" cat")[0]
-    r = client.completions.create(
-        model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logit_bias={str(forced): 100}
-    )
-    assert r.choices[0].text == tok.decode([forced] * 5)
-    # A strong frequency penalty forbids repeating the forced token: the greedy text changes after it.
-    p = client.completions.create(
-        model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logit_bias={str(forced): 5}, frequency_penalty=2.0
-    )
-    q = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logit_bias={str(forced): 5})
-    assert p.choices[0].text != q.choices[0].text
+    cat = tok.encode(" cat")[0]
+    assert _outputs(client, tok, max_tokens=5, temperature=0, logit_bias={str(cat): 100}) == [[cat] * 5]
+    sampled = dict(max_tokens=16, temperature=1.0, n=4, seed=1)
+    plain = sum(o.count(cat) for o in _outputs(client, tok, **sampled))
+    raised = sum(o.count(cat) for o in _outputs(client, tok, **sampled, logit_bias={str(cat): 5}))
+    assert raised >= 10 and raised > 3 * plain  # e^5 times as likely: from about 1 in 300 to about 1 in 3
+    top, _ = _most_repeated(_outputs(client, tok, max_tokens=20, temperature=0)[0])
+    for kw in (dict(max_tokens=20, temperature=0), sampled):
+        assert all(top not in o for o in _outputs(client, tok, **kw, logit_bias={str(top): -100}))
+
+
+def test_presence_and_frequency_penalties_reduce_repetition(client, reference):
+    """A tiny random model's greedy text repeats a token; a positive penalty makes it repeat less, a negative
+    one (a reward) no less."""
+    repeats = lambda **kw: _most_repeated(_outputs(client, reference[1], max_tokens=20, temperature=0, **kw)[0])[1]  # noqa: E731
+    plain = repeats()
+    assert plain > 4
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        assert repeats(**{penalty: 2.0}) < plain <= repeats(**{penalty: -2.0})
 
 
 def test_extreme_but_valid_values_do_not_disturb_others(server):

@@ -139,13 +139,15 @@ def test_named_and_required_tool_choice_give_valid_calls(client, seed):
 
 
 def test_parallel_tool_calls(client):
-    """With parallel calls the grammar allows call after call: a random model may go on until max_tokens, and
-    every call it closed is still returned, valid."""
+    """With parallel calls (the default) the grammar allows call after call: this seed's choices make several,
+    each valid with its own id, and a choice cut by max_tokens still returns every call it closed."""
     r = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", n=4, seed=9, max_tokens=150
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", n=4, seed=0, max_tokens=250
     )
     for c in r.choices:
         _check_calls(c, {"add", "get_weather"}, finished=False)
+        assert len({call.id for call in c.message.tool_calls}) == len(c.message.tool_calls)
+    assert any(len(c.message.tool_calls) >= 2 and c.finish_reason == "tool_calls" for c in r.choices)
 
 
 def test_streamed_tool_calls_accumulate_in_the_sdk_helper(client):

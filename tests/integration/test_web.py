@@ -198,5 +198,10 @@ def test_model_output_is_text_not_html(tiny_page):
     assert page.evaluate("window.pwned") is None
 
 
-def test_health_endpoint_still_open(server):
-    assert httpx.get(server.url + "/health").status_code == 200
+def test_health_endpoint_still_open(tiny_server):
+    """With --api-key the health check and the page answer without it; the API does not (tests/server/api/
+    test_middleware.py checks every route in-process)."""
+    health = httpx.get(tiny_server.url + "/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok", "model": "tiny"}
+    assert httpx.get(tiny_server.url + "/").headers["content-type"].startswith("text/html")
+    assert httpx.get(tiny_server.url + "/v1/models").json()["error"]["code"] == "invalid_api_key"

@@ -163,15 +163,36 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert max(abs(a - b) for a, b in zip(runs[1], runs[2])) < 1e-4
 
 
-def test_bf16_autocast_training_runs_and_keeps_router_and_scan_fp32(tmp_path):
-    trainer = Trainer(load_config(write_config(tmp_path, **{"schedule.steps": 3}), ["precision=bf16"]))
-    first = trainer.train_step()
-    for _ in range(2):
-        last = trainer.train_step()
-    assert last["ce"] < first["ce"] + 1.0 and all(torch.isfinite(torch.tensor(v)) for v in last.values())
+def test_bf16_autocast_training_runs_and_keeps_router_and_scan_fp32(tmp_path, monkeypatch):
+    """Under bf16 autocast the selective scan gets fp32 inputs with autocast off inside it, the router's logits
+    are fp32, the rest runs in bf16, and the losses follow an fp32 run's from the same seed as they fall."""
+    import model.mamba
+
+    scans = []  # (input dtypes, autocast on inside it, output dtype) for each scan call
+
+    def spy(*args, **kw):
+        y, h = scan(*args, **kw)
+        scans.append(
+            ({a.dtype for a in args if isinstance(a, torch.Tensor)}, torch.is_autocast_enabled("cpu"), y.dtype)
+        )
+        return y, h
+
+    scan = model.mamba.selective_scan
+    monkeypatch.setattr(model.mamba, "selective_scan", spy)
+    ce = {}
+    for precision in ("fp32", "bf16"):  # `scans` ends as the bf16 run's: 4 steps x 2 Mamba layers
+        (tmp_path / precision).mkdir()
+        cfg = load_config(write_config(tmp_path / precision, **{"schedule.steps": 4}), [f"precision={precision}"])
+        trainer = Trainer(cfg)
+        scans.clear()
+        ce[precision] = [trainer.train_step()["ce"] for _ in range(4)]
+    assert trainer.autocast == torch.bfloat16
+    assert len(scans) == 4 * 2 and all(s == ({torch.float32}, False, torch.float32) for s in scans)
+    assert ce["bf16"] == pytest.approx(ce["fp32"], abs=0.05) and ce["bf16"][-1] < ce["bf16"][0] - 0.3
     x, _ = trainer.data.sequences(torch.tensor([0]))
     with torch.autocast("cpu", torch.bfloat16):
         out = trainer.model(x)
+    assert torch.equal(out.logits, out.logits.bfloat16().float())  # the head ran in bf16, cast to fp32 after
     assert out.routers[0].logits.dtype == torch.float32
 
 
