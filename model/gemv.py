@@ -3,14 +3,15 @@
 Glossary: M rows of input (batch x tokens), I in_features, O out_features.
 
 Why: a decode step at batch 1 is one matrix-vector product per projection, bounded by how fast the weights
-stream from memory, and the library kernels fall short there on CPU. oneDNN's packed bf16 one-row product
-streams 9-17 GB/s on two threads and costs ~25 us a call in PyTorch's binding; MKL's bf16 product 8-11 GB/s;
-MKL's fp32 one reads at the memory's rate on Intel CPUs but takes no AVX-512 path on AMD ones. gemv.cpp reads
-each block of weight rows once, multiplies every token against it while it sits in L1, prefetches the next
-block, and uses AVX512-BF16's pair dot products for bf16 where the CPU has them: 11-22 GB/s for bf16 at one
-row on the same Xeon, ~9 us a call, and fp32 at MKL's rate (`python -m bench.gemv` measures them all). It
-keeps the plain row-major weight (nothing is copied or reordered), and products of more than 16 rows (prefill)
-go to the BLAS kernels through `at::linear`. `F.linear` is the reference a test holds it equal to.
+stream from memory, and the library kernels fall short of the memory's rate there on CPU: oneDNN's packed
+bf16 product and MKL's bf16 one stream well below it, and a packed call's overhead in PyTorch's binding is
+several times ours; MKL's fp32 product reads at the memory's rate on Intel CPUs but takes no AVX-512 path on
+AMD ones. gemv.cpp reads each block of weight rows once, multiplies every token against it while it sits in
+L1, prefetches the next block, and uses AVX512-BF16's pair dot products for bf16 where the CPU has them, which
+streams bf16 faster than either library and fp32 at MKL's rate (`python -m bench.gemv` compares them;
+bench/results/README.md has the figures). It keeps the plain row-major weight (nothing is copied or
+reordered), and products of more than 16 rows (prefill) go to the BLAS kernels through `at::linear`.
+`F.linear` is the reference a test holds it equal to.
 
 The kernel is compiled once per CPU and torch build with the C++ compiler torch.compile already needs, into
 inductor's cache folder (the compose volume keeps it across restarts). Without a compiler it is not used.

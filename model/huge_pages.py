@@ -3,10 +3,10 @@
 A decode step at batch 1 streams every weight once, ~0.5 GB for a 130m-size model in fp32, through 4 KiB
 pages: ~126k TLB misses and page walks a step (far more pages than the TLB holds). Moved into memory the kernel
 backs with huge pages (an anonymous mapping, madvise(MADV_HUGEPAGE), which Linux honours unless its THP
-setting is "never"), the same step ran 1.8-3.7% faster in fp32 and 1.8% in bf16 on a 2-vCPU Xeon (interleaved
-in one process, identical logits). PyTorch's allocator does this for every large allocation only when
-THP_MEM_ALLOC_ENABLE=1 is in the environment before its first one; here it is done for the weights alone, at
-load, and a call can say how much of them huge pages actually back.
+setting is "never"), the same step runs a few percent faster with identical logits (bench/results/README.md,
+"Huge pages"). PyTorch's allocator does this for every large allocation only when THP_MEM_ALLOC_ENABLE=1 is in
+the environment before its first one; here it is done for the weights alone, at load, and a call can say how
+much of them huge pages actually back.
 
 Only contiguous CPU tensors move; a tensor sharing its storage with one of another layout (a view) stays
 where it is, so no alias is split. Parameters keep their identity (their `.data` is replaced), so tied

@@ -112,8 +112,8 @@ def mixer_residual_step(block: Block, h: Tensor, state: dict[str, Tensor]) -> Te
 
 def blocks_step(blocks: tuple[Block, ...], h: Tensor, states: tuple[dict[str, Tensor], ...]) -> Tensor:
     """`mixer_residual_step` through consecutive layers that have no feed-forward part: compiled, a run of them
-    is one graph (one guard check and one call a step instead of one per layer; 24 Mamba layers of the 130m-size
-    model: 33.0 vs 36.5 ms a batch-1 step). Layers' states are separate tensors, so no two inputs alias."""
+    is one graph: one guard check and one call a step instead of one per layer, which shortens a batch-1 step.
+    Layers' states are separate tensors, so no two inputs alias."""
     for block, state in zip(blocks, states):
         h = mixer_residual_step(block, h, state)
     return h

@@ -91,10 +91,9 @@ class MambaMixer(nn.Module):
         """dt (..., R) @ dt_proj.weight^T -> (..., Di) in dt's dtype, without the bias.
 
         Traced for a compiled batch-1 decode step, it is a product and a sum over R, which inductor fuses into the
-        SSM update's loop: as its own GEMM call it took ~40 us a layer in fp32 and ~50 us in bf16 (the small-GEMM
-        call overhead), several times what reading its R x Di weight takes; batch-1 decode of the 130m-size model
-        is 1.03x (fp32) and 1.05-1.12x (bf16, packed) faster fused. From batch 8 on the two forms measured the
-        same (32: 1-3% slower fused), so larger batches, eager decode and prefill take F.linear, the reference."""
+        SSM update's loop: as its own GEMM call, the small-GEMM call overhead costs several times what reading its
+        R x Di weight takes, so batch-1 decode is faster fused. From batch 8 on the fused form gains nothing, so
+        larger batches, eager decode and prefill take F.linear, the reference."""
         w = self.dt_proj.weight
         if torch.compiler.is_compiling() and dt.dim() == 2 and dt.shape[0] == 1:
             return (dt.float().unsqueeze(-2) * w.float()).sum(-1).to(dt.dtype)  # (1, 1, R) * (Di, R) -> (1, Di)

@@ -112,8 +112,7 @@ def ssd_chunked(
 
     Chunks run one after another, each handing its final state to the next; the last one is simply shorter
     when chunk_size does not divide L. One chunk at a time keeps the (T, T) decay matrices at B*H*Q*Q
-    whatever L is, and on CPU it measured faster than all chunks at once (their L*H*Q floats leave cache):
-    0.33 s against 0.36-0.48 s at L 2048, H 24, P 64, N 128, Q 256, one thread."""
+    whatever L is, and on CPU that is faster than all chunks at once, whose L*H*Q floats leave the cache."""
     x, dt, A, B_ssm, C_ssm = x.float(), dt.float(), A.float(), B_ssm.float(), C_ssm.float()
     h, ys = h0.float(), []
     for s in range(0, x.shape[1], chunk_size):
@@ -157,7 +156,7 @@ class Mamba2Mixer(nn.Module):
     """in_proj -> causal depthwise conv over (x, B, C) -> SSD scan -> gated RMSNorm with z -> out_proj.
 
     n_groups: B and C are shared by n_heads / n_groups heads. chunk_size: the SSD chunk; results do not
-    depend on it beyond fp32 rounding (on CPU, 64 measured faster than checkpoints' usual 256 at L 2048).
+    depend on it beyond fp32 rounding, and on CPU a chunk smaller than checkpoints' usual 256 prefills faster.
     time_step_limit: dt is clamped to it after the softplus. rmsnorm_group_size: channels per norm group,
     d_inner / n_groups when None. norm_before_gate: see RMSNormGated.
     """

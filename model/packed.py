@@ -4,11 +4,10 @@ Glossary: M rows of input (batch x tokens), I in_features, O out_features.
 
 Why: decoding one token per sequence is a matrix-vector product per projection, bounded by how fast the
 weights stream from memory. `F.linear` with a row-major (O, I) weight goes to MKL's GEMV / small-M GEMM, which
-takes no AVX-512 path on AMD CPUs: on the benchmark VM (Zen 5) it streamed mamba-130m's projections at ~20 GB/s
-at M = 1 (one thread does the work) and 8-15 GB/s at M = 8-32, against ~85 GB/s of read bandwidth. The same
-weights reordered once into oneDNN's blocked layout and multiplied by `mkldnn._linear_pointwise` streamed at
-42-85 GB/s at M = 1-8 and 22-24 GB/s at M = 32, where the arithmetic bounds it (2-3x; bench/results shows
-what it does to decode). This is the rewrite that torch.compile's
+takes no AVX-512 path on AMD CPUs: there it streams the weights at a fraction of the memory's rate (one thread
+does the work at M = 1). The same weights reordered once into oneDNN's blocked layout and multiplied by
+`mkldnn._linear_pointwise` stream several times faster, up to the memory's rate at small M
+(bench/results/README.md, "oneDNN packing"). This is the rewrite that torch.compile's
 freezing pass does for CPU inference; done here explicitly, the eager engine gets it, the model stays
 unfrozen, and `nn.Linear` stays the reference a test holds it equal to.
 
@@ -54,8 +53,8 @@ class PackedLinear(nn.Module):
         if not packable_dtype(linear.weight.dtype):
             raise ValueError(f"oneDNN cannot pack {linear.weight.dtype} weights on this CPU")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # batch_size=None: one layout for every M (the engine's batch changes every step); measured as fast as
-        # a layout specialised to M = 1, 8 or 32.
+        # batch_size=None: one layout for every M (the engine's batch changes every step), as fast as a layout
+        # specialised to M = 1, 8 or 32.
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())  # (O, I), opaque
         self.bias = None if linear.bias is None else linear.bias.detach()
 
@@ -80,13 +79,11 @@ def packing_pays_here(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN packing is the faster choice for `dtype` weights on this CPU where the few-row kernel
     (gemv.py) cannot be built, which is what the server then falls back to: bf16 wherever oneDNN packs
     it (`packable_dtype`); fp32 everywhere but on Intel CPUs, where MKL takes its own AVX-512 / AVX2 fp32 kernels
-    (it does not on other vendors' CPUs). Measured side by side on the 130m-size model (bench/run.py, 2 threads,
-    compiled decode) on a Xeon with AVX-512: fp32 plain F.linear decodes 28.7 / 101.2 / 314.9 tok/s at batch
-    1 / 8 / 32 and packed 21.0 / 146.5 / 313.5 (a packed call costs ~24 us against F.linear's ~4 us, 73 calls a
-    step, and MKL's one-row fp32 GEMV reads at the memory's rate); bf16 packed decodes 155.2 / 239.4 at batch
-    8 / 32 against plain 132.0 / 238.2, and at batch 1 0.93x to 1.25x plain in two runs (MKL's one-row bf16
-    GEMV streams 8-11 GB/s there, oneDNN's 9-17); on an AMD EPYC fp32 packed is 2x faster at every batch. The
-    fp32 default follows batch 1, what one user of a small server waits on."""
+    (it does not on other vendors' CPUs). On Intel, MKL's one-row fp32 GEMV reads at the memory's rate and a
+    packed call costs several times an F.linear call, so plain F.linear wins fp32 decode at batch 1; packed bf16
+    wins at batch 8 and matches plain at batch 1 and 32, and packed fp32 wins on AMD at every batch
+    (bench/results/README.md, "oneDNN packing"). The fp32 choice follows batch 1, what one user of a small server
+    waits on."""
     if dtype == torch.bfloat16:
         return packable_dtype(dtype)
     try:

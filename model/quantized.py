@@ -24,9 +24,8 @@ from .packed import called_linears, replace_experts
 
 QMAX = 127
 # Rows (batch x tokens) up to which the int8 kernel multiplies; past it, the weight is dequantized for one GEMM.
-# Measured (torch 2.13, 2 threads, Xeon with AVX-512; 3,072 x 768 / 768 x 1,536 / 50,280 x 768): at 32 rows the
-# kernel takes 1.7 / 0.7 / 48 ms against 2.9 / 1.6 / 140 ms dequantized, at 64 rows 3.0 / 1.5 / 105 against
-# 3.5 / 1.4 / 132, at 128 rows 6.1 / 2.9 / 129 against 3.7 / 1.9 / 147: decode batches take the kernel, prefill
+# The kernel turns compute-bound as rows grow: up to 64 rows it beats dequantize + GEMM on the 130m-size model's
+# shapes, past that it loses (bench/results/README.md, "int8"), so decode batches take the kernel and prefill
 # chunks the GEMM.
 KERNEL_MAX_ROWS = 64
 
@@ -41,7 +40,7 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def kernel_takes(rows: int, in_features: int) -> bool:
     """Whether `torch._weight_int8pack_mm` serves this product. It runs with bf16 activations: its fp32 path
-    streams at a tenth of the speed (2 GB/s), and its bf16 path returns garbage (or crashes) unless
+    streams far slower than its bf16 one, and its bf16 path returns garbage (or crashes) unless
     in_features is a multiple of 16 (torch 2.13, checked against the reference for 16 to 1,536)."""
     return rows <= KERNEL_MAX_ROWS and in_features % 16 == 0
 
