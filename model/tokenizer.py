@@ -11,8 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from .chat_template import SPECIAL_TOKENS, compile_template, render
 
 # Used when a checkpoint has no chat template: each turn is "<|role|>\n{content}<|end|>\n".
 DEFAULT_CHAT_TEMPLATE = (
@@ -50,13 +51,12 @@ class Tokenizer:
         self.bos_token_id = self.token_to_id(self.bos_token)
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.add_bos_token = bool(self.config.get("add_bos_token", False))
-        self.chat_template = self.config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t["name"]: t["template"] for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()))
-        env = ImmutableSandboxedEnvironment(trim_blocks=False)
-        env.globals["raise_exception"] = _raise_template_error  # HF chat templates call it on bad input
-        self._template = env.from_string(self.chat_template)
+        self.chat_templates = _named_templates(self.config.get("chat_template") or DEFAULT_CHAT_TEMPLATE)
+        for source in self.chat_templates.values():
+            compile_template(source)  # a template that does not parse fails the load, naming its line
+        self.chat_template = self.chat_templates.get("default") or next(iter(self.chat_templates.values()))
+        # What transformers passes a template besides the messages: the named special tokens the tokenizer sets.
+        self.special_tokens = {k: v for k in SPECIAL_TOKENS if (v := _token_str(self.config.get(k))) is not None}
         # Tokens that end a generation: EOS and the end-of-turn marker of the chat template, if known.
         # The role markers stop too: a model that skips <|end|> must not write the next turn itself.
         stops = [self.eos_token, "<|end|>", "<|user|>", "<|system|>", *self.config.get("stop_tokens", [])]
@@ -64,6 +64,7 @@ class Tokenizer:
         self._byte_level = _is_byte_level(self.tokenizer)
         added = self.tokenizer.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
+        self.added_ids = {t.content: i for i, t in added.items()}
         # Control tokens belong to the chat template: what a user types is encoded by a copy that reads
         # "<|end|>" or "<tool_call>" as plain text, never as the token.
         self.control_texts = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
@@ -77,15 +78,19 @@ class Tokenizer:
             return None
         config_file = directory / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        jinja = directory / "chat_template.jinja"  # where transformers 4.43+ writes a checkpoint's template
-        if not config.get("chat_template") and jinja.exists():
-            config["chat_template"] = jinja.read_text()
+        if files := _template_files(directory):  # as in transformers, they take priority over the config's
+            named = [{"name": name, "template": source} for name, source in files.items()]
+            config["chat_template"] = files["default"] if list(files) == ["default"] else named
         return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), config, _model_eos_ids(directory))
 
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         self.tokenizer.save(str(directory / "tokenizer.json"))
         (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+
+    def added_token_id(self, text: str) -> int | None:
+        """The id of the added token (special or not) whose text is exactly `text`, else None."""
+        return self.added_ids.get(text)
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.tokenizer.token_to_id(token)
@@ -110,22 +115,47 @@ class Tokenizer:
             ids = [bos, *ids]
         return ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()) -> str:
+        """The text of `ids`; with skip_special_tokens, special tokens are left out except those in `keep`
+        (the tool-call tags a parser reads, where they are special tokens)."""
+        if keep and skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids or i in keep]
+            skip_special_tokens = False
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def template_for(self, tools: list[dict] | None) -> str:
+        """transformers' choice among named templates: `tool_use` when tools are given and it exists."""
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        return self.chat_template
+
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        template_kwargs: dict | None = None,
     ) -> str:
-        return self._template.render(
-            messages=messages,
+        """The prompt text, as transformers' apply_chat_template renders it (model/chat_template.py); a template
+        that refuses the messages or fails raises ChatTemplateError."""
+        return render(
+            self.template_for(tools),
+            messages,
             tools=tools,
+            documents=documents,
             add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
+            special_tokens=self.special_tokens,
+            template_kwargs=template_kwargs,
         )
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        template_kwargs: dict | None = None,
     ) -> list[int]:
         """Render the template, then encode it without adding special tokens again (the template has them).
 
@@ -138,13 +168,13 @@ class Tokenizer:
             for i, m in enumerate(messages)
             if isinstance(m.get("content"), str) and any(c in m["content"] for c in self.control_texts)
         }
+        context = dict(tools=tools, documents=documents, template_kwargs=template_kwargs)
         if not typed:
-            return self.encode(
-                self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False
-            )
+            text = self.apply_chat_template(messages, add_generation_prompt, **context)
+            return self.encode(text, add_special_tokens=False)
         marks = {i: f"\ue000{i}\ue001" for i in typed}
         rendered = [{**m, "content": marks[i]} if i in marks else m for i, m in enumerate(messages)]
-        text = self.apply_chat_template(rendered, add_generation_prompt, tools)
+        text = self.apply_chat_template(rendered, add_generation_prompt, **context)
         where = {i: text.find(mark) for i, mark in marks.items()}
         if min(where.values()) < 0:
             raise ValueError("a message contains control-token text that the chat template rewrites")
@@ -156,8 +186,22 @@ class Tokenizer:
         return ids + self.encode(text[pos:], add_special_tokens=False)
 
 
-def _raise_template_error(message: str):
-    raise ValueError(f"chat template: {message}")
+def _named_templates(value: str | list) -> dict[str, str]:
+    """tokenizer_config's chat_template (one string, or [{"name", "template"}, ...]) as {name: source}."""
+    if isinstance(value, str):
+        return {"default": value}
+    return {t["name"]: t["template"] for t in value}
+
+
+def _template_files(directory: Path) -> dict[str, str]:
+    """chat_template.jinja (the default) and chat_templates/<name>.jinja, which transformers writes beside a
+    checkpoint's tokenizer."""
+    found = {}
+    if (directory / "chat_template.jinja").exists():
+        found["default"] = (directory / "chat_template.jinja").read_text()
+    for file in sorted((directory / "chat_templates").glob("*.jinja")):
+        found[file.stem] = file.read_text()
+    return found
 
 
 def _gpt2_byte_map() -> dict[str, int]:
@@ -192,17 +236,17 @@ class IncrementalDetokenizer:
     replacement character, i.e. once a multi-byte character is complete (the vLLM / TGI scheme).
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
+        self.skip, self.keep = skip_special_tokens, keep  # keep: special tokens whose text is not skipped
         self.ids: list[int] = []
         self.prefix = 0  # start of the context window
         self.read = 0  # tokens before this have been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
-        full_text = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip, self.keep)
+        full_text = self.tokenizer.decode(self.ids[self.prefix :], self.skip, self.keep)
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
             return full_text[len(prefix_text) :]
@@ -210,7 +254,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """What is left at the end of a generation (an incomplete character decodes as U+FFFD)."""
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
-        full_text = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip, self.keep)
+        full_text = self.tokenizer.decode(self.ids[self.prefix :], self.skip, self.keep)
         self.prefix = self.read = len(self.ids)
         return full_text[len(prefix_text) :]

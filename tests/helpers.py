@@ -270,3 +270,71 @@ def save_hf_family(family: str, directory: Path, vocab_size: int = 61, **save_kw
     return transformers.AutoModelForCausalLM.from_pretrained(
         directory, attn_implementation="eager", experts_implementation="eager"
     ).eval()
+
+
+# ---------------------------------------------------------------- real chat templates (tests/data/chat_templates)
+
+TEMPLATES = Path(__file__).with_name("data") / "chat_templates"
+GRANITE_TOKENS = ["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<tools>", "</tools>"]
+GRANITE_TOKENS += ["<documents>", "</documents>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+QWEN_TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+JAMBA_TAGS = ["tool_definitions", "tool_calls", "documents", "citations"]
+JAMBA_TOKENS = ["<|startoftext|>", "<|pad|>", "<|bom|>", "<|eom|>", "<|tool|>", *(f"<{t}>" for t in JAMBA_TAGS)]
+JAMBA_TOKENS += [f"</{t}>" for t in JAMBA_TAGS]
+# name -> (template file, HF family of the random checkpoint, special tokens, non-special added tokens,
+# tokenizer_config's named tokens). Granite 4.0's real tokenizer adds <tool_call> and friends as plain (non-special)
+# tokens; here they are special, the harder case (skipped when decoding, unreachable by text in a grammar).
+CHAT_FAMILIES = {
+    "granite-4.0": (
+        "granite-4.0.jinja", "granitemoehybrid", GRANITE_TOKENS, [],
+        {"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>"},
+    ),
+    "qwen3": (
+        "qwen3.jinja", "mamba2", ["<|im_start|>", "<|im_end|>"], QWEN_TAGS,
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+    ),
+    "qwen2.5": (
+        "qwen2.5-instruct.jinja", "bamba", ["<|im_start|>", "<|im_end|>"], ["<tool_call>", "</tool_call>"],
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+    ),
+    "jamba": (
+        "jamba-mini-1.7.jinja", "jamba", JAMBA_TOKENS, [],
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"},
+    ),
+    "nemotron-h": (
+        "nemotron-nano-9b-v2.jinja", "nemotron_h", ["<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>", "<s>"],
+        ["<think>", "</think>", "<TOOLCALL>", "</TOOLCALL>"], {"bos_token": "<s>", "eos_token": "<SPECIAL_12>"},
+    ),
+    "bamba": (None, "bamba", [], [], {"eos_token": "<|endoftext|>"}),  # Bamba publishes no chat template
+}  # fmt: skip
+
+
+def chat_tokenizer(name: str):
+    """The toy byte-level BPE vocabulary plus a family's special and added tokens, with its real chat template
+    and named tokens in tokenizer_config.json (as transformers and we both read them)."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from model.tokenizer import Tokenizer
+
+    template, _, special, plain, named = CHAT_FAMILIES[name]
+    tok = HFTokenizer.from_str(toy_tokenizer().tokenizer.to_str())
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, **named}
+    if template is not None:
+        config["chat_template"] = (TEMPLATES / template).read_text()
+    return Tokenizer(tok, config)
+
+
+def save_chat_checkpoint(name: str, directory: Path):
+    """A random HF checkpoint of the family `name` belongs to, with its chat tokenizer; returns the HF model."""
+    tok = chat_tokenizer(name)
+    family = CHAT_FAMILIES[name][1]
+    hf = (
+        hybrid_jamba(directory, vocab_size=tok.vocab_size)
+        if family == "jamba"
+        else save_hf_family(family, directory, tok.vocab_size)
+    )
+    tok.save(directory)
+    return hf
