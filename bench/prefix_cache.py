@@ -18,7 +18,7 @@ import torch
 
 from aetheris.defaults import DEFAULT_MODEL_DIR
 from model.checkpoint import load_model
-from server.api.chat import message_boundaries
+from server.api.prompts import ChatPrompt, message_boundaries
 from server.engine.core import CoreConfig, EngineCore
 from server.engine.prefix_cache import PrefixCache
 from server.engine_io import GenerationRequest, SamplingParams
@@ -30,7 +30,7 @@ STORIES = ROOT / "data" / "corpus" / "tinystories_valid_first1000.txt"
 def ttft(core: EngineCore, tok, messages: list[dict], rid: str, max_tokens: int = 4) -> tuple[float, list[int]]:
     """Seconds from `add` to the first token, and the tokens generated (greedy)."""
     prompt = tok.encode_chat(messages)
-    points, pinned = message_boundaries(tok, messages, prompt)
+    points, pinned = message_boundaries(tok, ChatPrompt(messages), prompt)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     first: list[float] = []
     tokens: list[int] = []

@@ -35,6 +35,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # completions echo + logprobs: logprob of every prompt token
     n: int = 1
     grammar: CompiledGrammar | None = None  # constrained decoding: each choice's output matches it
+    keep_token_ids: frozenset[int] = frozenset()  # special tokens whose text stays in the output (call tags)
 
     @property
     def needs_penalties(self) -> bool:

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from ..engine_io import GenerationRequest, TokenLogprob
 from .errors import APIError
+from .prompts import ChatPrompt, render_chat
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -32,7 +33,7 @@ from .protocol import (
 from .responses import include_usage, respond, usage_info
 from .serving import Serving
 from .structured import grammar_for
-from .tools import ParsedCall, ToolCallStream, parse_tool_calls, template_messages, tool_grammar
+from .tools import CallParsing, ParsedCall, ToolCallStream, tag_tokens, tool_grammar
 
 log = logging.getLogger("aetheris.api")
 
@@ -49,54 +50,33 @@ def _chat_logprobs(serving: Serving, lps: list[TokenLogprob]) -> ChoiceLogprobs:
     )
 
 
-def message_boundaries(
-    tokenizer, messages: list[dict], prompt: list[int], tools: list | None = None
-) -> tuple[tuple[int, ...], int]:
-    """Where each earlier message ends in the rendered prompt (a later request sharing the history but not the
-    last turn resumes there), and how far the leading system messages reach (0: none). A boundary counts only
-    where the history's own rendering is a prefix of the prompt's tokens: that is what a snapshot can serve."""
-    points, pinned = [], 0
-    for k in range(1, len(messages)):
-        try:
-            ids = tokenizer.encode_chat(messages[:k], add_generation_prompt=False, tools=tools)
-        except Exception:  # a template may refuse a partial history (e.g. one that must end with a user turn)
-            continue
-        if 0 < len(ids) < len(prompt) and prompt[: len(ids)] == ids:
-            points.append(len(ids))
-            if all(m["role"] == "system" for m in messages[:k]):
-                pinned = len(ids)
-    return tuple(points), pinned
-
-
-def _render(tokenizer, messages: list[dict], tools: list | None):
-    prompt = tokenizer.encode_chat(messages, tools=tools)
-    return prompt, message_boundaries(tokenizer, messages, prompt, tools)
-
-
-async def build_request(serving: Serving, body: ChatCompletionRequest) -> tuple[GenerationRequest, set[str] | None]:
-    """The engine request, and the tool names whose calls are parsed out of the reply (None: no parsing)."""
+async def build_request(serving: Serving, body: ChatCompletionRequest) -> tuple[GenerationRequest, CallParsing | None]:
+    """The engine request, and how calls are parsed out of the reply (None: no parsing)."""
     serving.check_model(body.model)
     if (bad := body.unsupported()) is not None:
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
     tools = body.tools or None
-    messages, template_tools = template_messages(body.messages, tools, serving.tokenizer.chat_template)
-    try:  # a long prompt's template, tokens and message boundaries are rendered off the event loop
-        prompt, (points, pinned) = await asyncio.to_thread(_render, serving.tokenizer, messages, template_tools)
-    except Exception as e:  # the checkpoint's chat template refused these messages
-        raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
-    tools_spec = tool_grammar(tools, body.tool_choice, body.parallel_tool_calls) if tools else None
+    chat = ChatPrompt.of(serving.tokenizer, body.messages, body)
+    prompt, (points, pinned) = await render_chat(serving.tokenizer, chat)
+    tags = tag_tokens(serving.tokenizer) if tools else {}
+    tools_spec = tool_grammar(tools, body.tool_choice, body.parallel_tool_calls, tags) if tools else None
     params = body.to_sampling_params(
         max_tokens=body.max_new_tokens(serving.default_max_tokens(len(prompt))),
         logit_bias=serving.logit_bias(body.logit_bias),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     params.grammar = await grammar_for(serving.grammars, body, tools_spec)
-    names = {t.function.name for t in tools} if tools and body.tool_choice != "none" else None
-    return GenerationRequest(new_id("chatcmpl"), prompt, params, snapshot_at=points, pinned_prefix=pinned), names
+    parsing = None
+    if tools and body.tool_choice != "none":
+        parsing = CallParsing(frozenset(t.function.name for t in tools), forced=tools_spec is not None)
+        # The parser reads the call tags, which skipping special tokens would take out of the text.
+        params.keep_token_ids = frozenset(tags.values()) & serving.tokenizer.special_ids
+    req = GenerationRequest(new_id("chatcmpl"), prompt, params, snapshot_at=points, pinned_prefix=pinned)
+    return req, parsing
 
 
 async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, request: Request):
-    req, names = await build_request(serving, body)
+    req, parsing = await build_request(serving, body)
     req.tenant = serving.tenant(request.headers)
     serving.log_request(req, body.messages)
     outputs = await serving.start(req)  # raises 503 before any byte is sent when overloaded
@@ -104,18 +84,18 @@ async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, 
         serving,
         request,
         body.stream,
-        lambda: _stream(req, body, outputs, serving, include_usage(body.stream_options), names),
-        lambda: _collect(req, body, outputs, serving, names),
+        lambda: _stream(req, body, outputs, serving, include_usage(body.stream_options), parsing),
+        lambda: _collect(req, body, outputs, serving, parsing),
         lambda: serving.engine.abort(req.request_id),
     )
 
 
-def _message(text: str, finish: str | None, names: set[str] | None) -> tuple[AssistantMessage, str | None]:
+def _message(text: str, finish: str | None, parsing: CallParsing | None) -> tuple[AssistantMessage, str | None]:
     """The reply as a message: calls taken out of the text when tools are on; finish_reason "tool_calls" when
     a choice that ended by itself made calls."""
-    if names is None:
+    if parsing is None:
         return AssistantMessage(content=text), finish
-    content, calls = parse_tool_calls(text, names)
+    content, calls = parsing.parse(text)
     tool_calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
     return AssistantMessage(content=content, tool_calls=tool_calls or None), _finish(finish, bool(calls))
 
@@ -129,7 +109,7 @@ async def _collect(
     body: ChatCompletionRequest,
     outputs: AsyncIterator,
     serving: Serving,
-    names: set[str] | None,
+    parsing: CallParsing | None,
 ):
     n = req.params.n
     texts, finish, lps = [""] * n, [None] * n, [[] for _ in range(n)]
@@ -141,16 +121,16 @@ async def _collect(
             finish[d.index] = d.finish_reason or finish[d.index]
         usage = out.usage or usage
     serving.log_done(req, usage, texts)
-    return await asyncio.to_thread(_completion, req, body, serving, (texts, finish, lps, names), usage)
+    return await asyncio.to_thread(_completion, req, body, serving, (texts, finish, lps, parsing), usage)
 
 
 def _completion(req: GenerationRequest, body: ChatCompletionRequest, serving: Serving, got, usage) -> ChatCompletion:
     """The response, tool calls parsed and logprobs rendered (off the event loop: a long reply's logprobs are
     many objects)."""
-    texts, finish, lps, names = got
+    texts, finish, lps, parsing = got
     choices = []
     for i in range(req.params.n):
-        message, reason = _message(texts[i], finish[i], names)
+        message, reason = _message(texts[i], finish[i], parsing)
         lp = _chat_logprobs(serving, lps[i]) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=lp))
     return ChatCompletion(
@@ -159,7 +139,12 @@ def _completion(req: GenerationRequest, body: ChatCompletionRequest, serving: Se
 
 
 async def _stream(
-    req, body: ChatCompletionRequest, outputs: AsyncIterator, serving: Serving, include_usage: bool, names=None
+    req,
+    body: ChatCompletionRequest,
+    outputs: AsyncIterator,
+    serving: Serving,
+    include_usage: bool,
+    parsing: CallParsing | None = None,
 ) -> AsyncIterator[dict]:
     created, model = now(), serving.model_name
 
@@ -173,7 +158,7 @@ async def _stream(
     for i in range(req.params.n):  # the first chunk of each choice carries the role
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     texts = [""] * req.params.n
-    calls = [None if names is None else ToolCallStream(names) for _ in range(req.params.n)]
+    calls = [None if parsing is None else parsing.stream() for _ in range(req.params.n)]
     async for out in outputs:
         for d in out.deltas:
             texts[d.index] += d.text

@@ -12,7 +12,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from model.chat_template import RESERVED
 
 from ..engine_io import DEFAULT_MAX_TOKENS, SamplingParams
 
@@ -184,8 +186,11 @@ class ChatMessage(OpenAIModel):
 
     def to_template(self) -> dict[str, Any]:
         """The message as chat templates take it; templates know no "developer" role, which is OpenAI's
-        newer name for "system". Tool calls carry their arguments as a dict, as HF templates expect."""
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        newer name for "system". Tool calls carry their arguments as a dict, as HF templates expect; a null
+        content is left out, as transformers leaves out every null field."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        if self.content is not None:
+            out["content"] = self.text()
         if self.tool_calls:
             out["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _args(c)}}
@@ -205,13 +210,43 @@ def _args(call: ToolCall) -> Any:
         return call.function.arguments
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(OpenAIModel):
+    """What a chat template gets beside the messages: tools (kept as the client sent them, key order and all,
+    which is what transformers hands a template), and vLLM's extensions `documents` and `chat_template_kwargs`
+    (variables of the template, e.g. enable_thinking)."""
+
+    tools: list[ToolDefinition] | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    _raw_tools: list[dict[str, Any]] | None = PrivateAttr(default=None)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_reserved(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v and (taken := sorted(set(v) & set(RESERVED))):
+            raise ValueError(f"{taken} are set by the request itself, not through chat_template_kwargs")
+        return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw_tools(cls, data: Any, handler):
+        model = handler(data)
+        if isinstance(data, dict) and isinstance(data.get("tools"), list) and data["tools"]:
+            model._raw_tools = data["tools"]
+        return model
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        if not self.tools:
+            return None
+        return self._raw_tools or [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str
     logprobs: bool = False
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     max_tokens: Annotated[int, Field(ge=0)] | None = None  # deprecated by OpenAI, still sent by many clients
-    tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     functions: list[Any] | None = None
@@ -397,7 +432,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None

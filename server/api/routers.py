@@ -57,7 +57,7 @@ async def completions(body: CompletionRequest, request: Request, s: ServingDep):
 
 @tokenizer_router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, s: ServingDep) -> TokenizeResponse:
-    return tokenization.tokenize(s, body)
+    return await tokenization.tokenize(s, body)
 
 
 @tokenizer_router.post("/detokenize")

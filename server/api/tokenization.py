@@ -1,17 +1,24 @@
-"""POST /tokenize and POST /detokenize (vLLM's extension endpoints): text or chat messages <-> token ids."""
+"""POST /tokenize and POST /detokenize (vLLM's extension endpoints): text or chat messages <-> token ids.
+
+A chat is rendered exactly as a chat completion's prompt is (tools, documents and chat_template_kwargs
+included), so a client can see the prompt the model gets."""
 
 from __future__ import annotations
 
 from .errors import APIError
+from .prompts import ChatPrompt, render_chat
 from .protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from .serving import Serving
 
 
-def tokenize(serving: Serving, body: TokenizeRequest) -> TokenizeResponse:
+async def tokenize(serving: Serving, body: TokenizeRequest) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", "prompt", "invalid_value")
     if body.messages is not None:
-        ids = serving.tokenizer.encode_chat([m.to_template() for m in body.messages], body.add_generation_prompt)
+        chat = ChatPrompt.of(serving.tokenizer, body.messages, body)
+        ids, _ = await render_chat(
+            serving.tokenizer, chat, boundaries=False, add_generation_prompt=body.add_generation_prompt
+        )
     else:
         ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=serving.max_model_len)

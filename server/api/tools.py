@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.tokenizer import Tokenizer
+
 from ..engine.grammar import JSON_OPTIONS, GrammarSpec, lark_literal
 from .protocol import ChatMessage, NamedToolChoice, ToolDefinition
 
@@ -36,28 +38,25 @@ class ParsedCall:
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
-def tool_dicts(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
-    return [t.model_dump(exclude_none=True) for t in tools]
-
-
 def template_messages(
-    messages: list[ChatMessage], tools: list[ToolDefinition] | None, template: str
+    messages: list[ChatMessage], tools: list[dict[str, Any]] | None, template: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """(messages, tools) for the chat template. A template that names `tools` renders tools, tool calls and
-    tool results itself; for one that does not, they are written into the messages here."""
+    """(messages, tools) for the chat template, tools as the client sent them. A template that names `tools`
+    renders tools, tool calls and tool results itself; for one that does not, they are written into the
+    messages here."""
     if "tools" in template:
-        return [m.to_template() for m in messages], tool_dicts(tools) if tools else None
+        return [m.to_template() for m in messages], tools or None
     out = []
     for m in messages:
         d = m.to_template()
         if m.tool_calls:
             calls = "\n".join(_call_text(c["function"]["name"], c["function"]["arguments"]) for c in d["tool_calls"])
-            d = {"role": "assistant", "content": "\n".join(x for x in (d["content"], calls) if x)}
+            d = {"role": "assistant", "content": "\n".join(x for x in (d.get("content"), calls) if x)}
         elif m.role == "tool":
             d = {"role": "user", "content": f"<tool_response>\n{d['content']}\n</tool_response>"}
         out.append(d)
     if tools:
-        listing = "\n".join(json.dumps(t) for t in tool_dicts(tools))
+        listing = "\n".join(json.dumps(t) for t in tools)
         prompt = SYSTEM_PROMPT.format(tools=listing)
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}
@@ -81,11 +80,28 @@ def call_schema(tool: ToolDefinition) -> dict[str, Any]:
     }
 
 
+def tag_tokens(tokenizer: Tokenizer) -> dict[str, int]:
+    """The call tags that are one added token of this vocabulary (Granite and Qwen add `<tool_call>` and
+    `</tool_call>`): {tag: token id}. The model writes such a tag as that token, never as its characters."""
+    ids = {tag: tokenizer.added_token_id(tag) for tag in (OPEN, CLOSE)}
+    return {tag: i for tag, i in ids.items() if i is not None}
+
+
+def _tag(tag: str, tokens: dict[str, int]) -> str:
+    """The tag in the call grammar: its token by id where it is one added token (a text literal would have
+    llguidance ask for the characters, which the model never writes), else its text."""
+    return f"<[{tokens[tag]}]>" if tag in tokens else lark_literal(tag)
+
+
 def tool_grammar(
-    tools: list[ToolDefinition], choice: str | NamedToolChoice | None, parallel: bool
+    tools: list[ToolDefinition],
+    choice: str | NamedToolChoice | None,
+    parallel: bool,
+    tag_ids: dict[str, int] | None = None,
 ) -> GrammarSpec | None:
     """The grammar for tool_choice "required" (one of the tools) or a named function (that one); None for
-    "auto" / "none", where the model chooses and the text is parsed afterwards."""
+    "auto" / "none", where the model chooses and the text is parsed afterwards. `tag_ids`: the tags that
+    are one token of the vocabulary (`tag_tokens`)."""
     if isinstance(choice, NamedToolChoice):
         schema = call_schema(next(t for t in tools if t.function.name == choice.function.name))
         parallel = False  # OpenAI: a named choice calls that function, once
@@ -96,9 +112,10 @@ def tool_grammar(
         return None
     schema = {**schema, "x-guidance": JSON_OPTIONS}  # compact JSON, as for response_format
     repeat = ' ("\\n" call)*' if parallel else ""
+    tags = tag_ids or {}
     lark = (
         f"start: call{repeat}\n"
-        f"call: {lark_literal(OPEN + chr(10))} body {lark_literal(chr(10) + CLOSE)}\n"
+        f'call: {_tag(OPEN, tags)} "\\n" body "\\n" {_tag(CLOSE, tags)}\n'
         f"body: %json {json.dumps(schema)}\n"
     )
     return GrammarSpec("lark", lark)
@@ -123,13 +140,29 @@ def parse_call(block: str, names: set[str]) -> ParsedCall | None:
     return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[ParsedCall]]:
+@dataclass(frozen=True)
+class CallParsing:
+    """How a reply's calls are taken out of its text: which tools, and whether the reply was held to calls
+    (tool_choice "required" or named), in which case no text of it is content, not even a call that
+    max_tokens cut short."""
+
+    names: frozenset[str]
+    forced: bool = False
+
+    def stream(self) -> ToolCallStream:
+        return ToolCallStream(set(self.names), keep_text=not self.forced)
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        return parse_tool_calls(text, set(self.names), keep_text=not self.forced)
+
+
+def parse_tool_calls(text: str, names: set[str], keep_text: bool = True) -> tuple[str | None, list[ParsedCall]]:
     """(content, calls) of a whole reply: the text outside well-formed call blocks, and the calls."""
-    stream = ToolCallStream(names)
+    stream = ToolCallStream(names, keep_text)
     events = stream.push(text) + stream.finish()
     content = "".join(e for e in events if isinstance(e, str))
     calls = [e for e in events if isinstance(e, ParsedCall)]
-    if calls:
+    if calls or not keep_text:
         content = content.strip() or None
     return content, calls
 
@@ -139,8 +172,8 @@ class ToolCallStream:
     is held back until it is known, a call is released when its closing tag arrives, and a block that is not
     a call of a known tool is released as plain text."""
 
-    def __init__(self, names: set[str]) -> None:
-        self.names = names
+    def __init__(self, names: set[str], keep_text: bool = True) -> None:
+        self.names, self.keep_text = names, keep_text  # keep_text False: only calls come out
         self.buf = ""
         self.calls = 0  # calls parsed so far
         self.calls_sent = 0  # of which the API has streamed (their index in the choice's tool_calls)
@@ -172,10 +205,10 @@ class ToolCallStream:
     def finish(self) -> list[str | ParsedCall]:
         """What is left at the end (an unclosed call, cut by max_tokens or a stop, is plain text)."""
         rest, self.buf = self.buf, ""
-        return [rest] if rest else []
+        return [rest] if rest and self.keep_text else []
 
     def _content(self, events: list, text: str) -> None:
-        if text and not (self.calls and text.isspace()):  # the newlines between calls are not content
+        if text and self.keep_text and not (self.calls and text.isspace()):  # newlines between calls are not
             events.append(text)
 
 

@@ -213,8 +213,13 @@ class EngineCore:
             self._fail_rows(seqs, bad, "the sampler failed")
             seqs, logits = self._keep(seqs, logits, bad)
         toks = sampled.tokens
-        bad = [i for i, t in enumerate(toks) if not 0 <= t < self.vocab]
-        self._fail_rows(seqs, bad, "the sampler returned a token id outside the vocabulary")
+        outside = [i for i, t in enumerate(toks) if not 0 <= t < self.vocab]
+        self._fail_rows(seqs, outside, "the sampler returned a token id outside the vocabulary")
+        # The grammar's mask and its parser can disagree (llguidance on added tokens): a rejected token fails
+        # its request rather than ending the choice as if the grammar were complete.
+        rejected = [i for i, (s, t) in enumerate(zip(seqs, toks)) if i not in outside and not _accepts(s, t)]
+        self._fail_rows(seqs, rejected, "the output grammar rejected the sampled token")
+        bad = outside + rejected
         keep = [i for i in range(len(seqs)) if i not in bad]
         sampled = Sampled([toks[i] for i in keep], [sampled.logprobs[i] for i in keep])
         seqs, logits = self._keep(seqs, logits, bad)
@@ -239,3 +244,7 @@ class EngineCore:
         drop = set(bad)
         keep = [i for i in range(len(seqs)) if i not in drop]
         return [seqs[i] for i in keep], logits[keep]
+
+
+def _accepts(seq: Sequence, token: int) -> bool:
+    return seq.grammar is None or seq.grammar.done or seq.grammar.accepts(token)

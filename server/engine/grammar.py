@@ -68,6 +68,10 @@ class GrammarMatcher:
     def __init__(self, matcher: LLMatcher, vocab: int) -> None:
         self.m, self.vocab = matcher, vocab  # vocab: the LLTokenizer's, which sizes a bitmask row
 
+    def accepts(self, token_id: int) -> bool:
+        """Whether the grammar allows this token next (without consuming it)."""
+        return self.m.validate_tokens([token_id]) == 1
+
     def consume(self, token_id: int) -> bool:
         """Advance by a sampled token; False when the grammar rejects it (the matcher is then in error)."""
         ok = self.m.consume_token(token_id)

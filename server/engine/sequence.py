@@ -59,7 +59,7 @@ class Sequence:
             index,
             params,
             set() if params.ignore_eos else stop_ids,
-            IncrementalDetokenizer(tokenizer),
+            IncrementalDetokenizer(tokenizer, keep=params.keep_token_ids),
             gen,
             grammar=grammar,
         )

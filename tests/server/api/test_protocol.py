@@ -81,4 +81,5 @@ def test_completion_unsupported(field, param):
 def test_developer_is_system_to_templates_and_parts_are_joined():
     m = ChatMessage(role="developer", content=[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}])
     assert m.to_template() == {"role": "system", "content": "ab"}
-    assert ChatMessage(role="user", content=None).to_template() == {"role": "user", "content": ""}
+    assert ChatMessage(role="user", content="").to_template() == {"role": "user", "content": ""}
+    assert ChatMessage(role="user", content=None).to_template() == {"role": "user"}  # null fields are left out

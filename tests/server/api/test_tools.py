@@ -8,7 +8,7 @@ import json
 import pytest
 
 from server.api.protocol import ChatMessage, NamedToolChoice, ToolDefinition
-from server.api.tools import ToolCallStream, parse_tool_calls, template_messages, tool_grammar
+from server.api.tools import CallParsing, ToolCallStream, parse_tool_calls, template_messages, tool_grammar
 from server.engine.grammar import GrammarCompiler
 from tests.helpers import toy_tokenizer
 
@@ -85,8 +85,12 @@ def _conversation():
     ]
 
 
+def _dicts(tools):
+    return [t.model_dump(exclude_none=True) for t in tools]
+
+
 def test_messages_for_a_template_without_tools():
-    messages, tools = template_messages(_conversation(), TOOLS, "{{ messages }}")
+    messages, tools = template_messages(_conversation(), _dicts(TOOLS), "{{ messages }}")
     assert tools is None
     assert messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
     assert messages[2] == {
@@ -97,7 +101,7 @@ def test_messages_for_a_template_without_tools():
 
 
 def test_messages_for_a_template_with_tools():
-    messages, tools = template_messages(_conversation(), TOOLS, "{% for t in tools %}{% endfor %}")
+    messages, tools = template_messages(_conversation(), _dicts(TOOLS), "{% for t in tools %}{% endfor %}")
     assert [t["function"]["name"] for t in tools] == ["get_weather", "add"]
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}  # a dict, as HF expects
     assert messages[2] == {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"}
@@ -121,3 +125,11 @@ def test_call_grammar_accepts_calls_only():
     assert not _accepts(named, one) and not _accepts(named, two)
     assert _accepts(named, '<tool_call>\n{"name":"add","arguments":{"a":1}}\n</tool_call>')
     assert tool_grammar(TOOLS, "auto", True) is None and tool_grammar(TOOLS, "none", True) is None
+
+
+def test_a_forced_reply_has_no_content_even_when_cut():
+    forced, auto = CallParsing(frozenset(NAMES), forced=True), CallParsing(frozenset(NAMES))
+    cut = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Pa'
+    assert forced.parse(cut) == (None, []) and auto.parse(cut) == (cut, [])
+    stream = forced.stream()
+    assert stream.push(cut[:15]) + stream.push(cut[15:]) + stream.finish() == []

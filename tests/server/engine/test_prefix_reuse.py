@@ -11,7 +11,7 @@ import torch
 from aetheris.defaults import DEFAULT_MODEL_DIR
 from model import HybridLM, preset
 from model.checkpoint import load_model
-from server.api.chat import message_boundaries
+from server.api.prompts import ChatPrompt, message_boundaries
 from server.engine.core import CoreConfig, EngineCore
 from server.engine_io import GenerationRequest, SamplingParams
 from tests.helpers import tiny_config, toy_tokenizer
@@ -67,7 +67,7 @@ def run(core: EngineCore, *reqs: GenerationRequest) -> dict[str, tuple[list[int]
 
 def chat(tok, rid: str, messages: list[dict], max_tokens: int = 6) -> GenerationRequest:
     prompt = tok.encode_chat(messages)
-    points, pinned = message_boundaries(tok, messages, prompt)
+    points, pinned = message_boundaries(tok, ChatPrompt(messages), prompt)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return GenerationRequest(rid, prompt, params, snapshot_at=points, pinned_prefix=pinned)
 
