@@ -11,26 +11,26 @@ from fastapi import Request
 from ..engine_io import GenerationRequest, TokenLogprob
 from .errors import APIError
 from .prompts import ChatPrompt, render_chat
-from .protocol import (
+from .protocol import ChatCompletionRequest, FunctionCall, ToolCall
+from .responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatTokenLogprob,
     ChoiceLogprobs,
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
-    FunctionCall,
-    ToolCall,
     TopLogprob,
     UsageInfo,
+    include_usage,
     new_id,
     now,
+    respond,
+    usage_info,
 )
-from .responses import include_usage, respond, usage_info
 from .serving import Serving
 from .structured import grammar_for
 from .tools import CallParsing, ParsedCall, ToolCallStream, tag_tokens, tool_grammar

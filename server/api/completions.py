@@ -13,8 +13,17 @@ from fastapi import Request
 
 from ..engine_io import GenerationRequest, TokenLogprob, Usage
 from .errors import APIError
-from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, new_id, now
-from .responses import include_usage, respond, usage_info
+from .protocol import CompletionRequest
+from .responses import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    include_usage,
+    new_id,
+    now,
+    respond,
+    usage_info,
+)
 from .serving import Serving
 from .streaming import merge
 from .structured import grammar_for

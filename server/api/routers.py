@@ -15,17 +15,9 @@ from .completions import create_completion
 from .deps import ServingDep, get_holder
 from .errors import error_response
 from .holder import ModelHolder
-from .protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ModelCard,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
-    now,
-)
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import ModelCard, ModelList, now
+from .tokenization import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 HolderDep = Annotated[ModelHolder, Depends(get_holder)]
 

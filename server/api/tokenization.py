@@ -5,10 +5,37 @@ included), so a client can see the prompt the model gets."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
 from .errors import APIError
 from .prompts import ChatPrompt, render_chat
-from .protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from .protocol import ChatMessage, ChatTemplateFields, OpenAIModel
 from .serving import Serving
+
+
+class TokenizeRequest(ChatTemplateFields):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int | None = None  # None: a pure SSM model has no context limit
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 async def tokenize(serving: Serving, body: TokenizeRequest) -> TokenizeResponse:

@@ -14,7 +14,7 @@ import pytest
 
 from model.chat_template import ChatTemplateError
 from server.api.prompts import ChatPrompt
-from server.api.protocol import TokenizeRequest
+from server.api.tokenization import TokenizeRequest
 from tests.helpers import CHAT_FAMILIES, chat_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")
