@@ -53,13 +53,13 @@ def template_messages(
             calls = "\n".join(_call_text(c["function"]["name"], c["function"]["arguments"]) for c in d["tool_calls"])
             d = {"role": "assistant", "content": "\n".join(x for x in (d.get("content"), calls) if x)}
         elif m.role == "tool":
-            d = {"role": "user", "content": f"<tool_response>\n{d['content']}\n</tool_response>"}
+            d = {"role": "user", "content": f"<tool_response>\n{d.get('content', '')}\n</tool_response>"}
         out.append(d)
     if tools:
         listing = "\n".join(json.dumps(t) for t in tools)
         prompt = SYSTEM_PROMPT.format(tools=listing)
         if out and out[0]["role"] == "system":
-            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}
+            out[0] = {**out[0], "content": f"{out[0].get('content', '')}\n\n{prompt}"}
         else:
             out.insert(0, {"role": "system", "content": prompt})
     return out, None

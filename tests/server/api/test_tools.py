@@ -133,3 +133,10 @@ def test_a_forced_reply_has_no_content_even_when_cut():
     assert forced.parse(cut) == (None, []) and auto.parse(cut) == (cut, [])
     stream = forced.stream()
     assert stream.push(cut[:15]) + stream.push(cut[15:]) + stream.finish() == []
+
+
+def test_null_contents_for_a_template_without_tools():
+    """A tool result or a system turn with `content: null` (left out of the template's message) still renders."""
+    messages = [ChatMessage(role="system", content=None), ChatMessage(role="tool", tool_call_id="c", content=None)]
+    out, _ = template_messages(messages, _dicts(TOOLS), "{{ messages }}")
+    assert out[0]["content"].startswith("\n\n# Tools") and out[1]["content"] == "<tool_response>\n\n</tool_response>"
