@@ -17,8 +17,11 @@ RUN apt-get update \
 COPY requirements.txt .
 RUN python -m pip install --no-cache-dir -r requirements.txt
 
-# Spaces run the container as uid 1000 and need a writable HOME and Hugging Face cache.
-RUN useradd --create-home --uid 1000 user
+# Spaces run the container as uid 1000 and need a writable HOME and Hugging Face cache. The cache folders exist
+# and belong to it before a volume is mounted there (docker compose's are), or Docker would create them as root.
+RUN useradd --create-home --uid 1000 user \
+    && mkdir -p /home/user/.cache/huggingface /home/user/.cache/torchinductor \
+    && chown -R 1000:1000 /home/user/.cache
 ENV HOME=/home/user \
     HF_HOME=/home/user/.cache/huggingface \
     TORCHINDUCTOR_CACHE_DIR=/home/user/.cache/torchinductor \

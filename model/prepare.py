@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sysconfig
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,12 +55,19 @@ class Prepared:
 
 
 def missing_compiler(device: torch.device) -> str | None:
-    """Why torch.compile cannot run here, or None. On CPU inductor builds C++ kernels, so it needs a C++
-    compiler ($CXX, g++ or c++); on CUDA it builds Triton kernels."""
-    if device.type != "cpu":
-        return None
-    names = [os.environ.get("CXX") or "g++", "c++"]
-    return None if any(shutil.which(n) for n in names) else f"no C++ compiler ({' / '.join(names)}) on PATH"
+    """Why torch.compile cannot run here, or None. On CPU inductor builds C++ kernels, so it needs a C++ compiler
+    ($CXX, g++ or c++); on CUDA, Triton builds a C helper for its launcher, so it needs a C compiler ($CC, gcc or
+    clang). Both include Python.h: the Python development headers must be installed."""
+    names = (
+        [os.environ.get("CXX") or "g++", "c++"] if device.type == "cpu" else [os.environ.get("CC") or "gcc", "clang"]
+    )
+    kind = "C++" if device.type == "cpu" else "C"
+    if not any(shutil.which(n) for n in names):
+        return f"no {kind} compiler ({' / '.join(names)}) on PATH"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return f"no Python development headers ({headers} is missing; e.g. apt-get install python3-dev)"
+    return None
 
 
 def _linears(model: nn.Module, s: Speedups, strict: bool, out: Prepared) -> None:

@@ -22,11 +22,31 @@ DEFAULT_CONTEXT_CAP = 32768  # tokens: the default context of a model with atten
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when it works, else the CPU. An explicit cuda that does not work is an error naming the
+    cause (no driver, a driver too old for this torch's CUDA, a CPU build of torch); cuda:N becomes the
+    current device, so that everything the engine allocates or captures without an index lands on it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available here ({_cuda_failure()})")
+        if device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise RuntimeError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+            torch.cuda.set_device(device)
+    return device
+
+
+def _cuda_failure() -> str:
+    """Why CUDA did not start, in one line: torch's own reason when it gives one."""
+    if torch.version.cuda is None:
+        return "this torch is a CPU build"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # e.g. "Found no NVIDIA driver on your system" / "The NVIDIA driver ... is too old"
+        return str(e).strip().splitlines()[0]
+    return "no CUDA device is visible (for Docker: --gpus all)"
 
 
 def speedups(settings: Settings) -> Speedups:
@@ -95,6 +115,10 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     dtype = DTYPES.get(settings.dtype)
     if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
+    if device.type == "cuda" and settings.quantize == "int8":
+        raise ValueError(
+            "--quantize int8 is CPU-only: its kernel decodes slower than bf16 on CUDA (bf16 is the default)"
+        )
     model, tokenizer = load_model(settings.model, device, dtype)
     if tokenizer is None:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")

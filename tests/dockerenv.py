@@ -1,8 +1,9 @@
-"""A private Docker engine for the build-and-serve test, and a stand-in for python:3.11-slim.
+"""A private Docker engine for the build-and-serve tests, and stand-ins for the two images' bases.
 
 These machines reach PyPI and Debian's mirror but no image registry, so the
-test makes the base image itself: a debootstrapped Debian with Python, the host's CA bundle trusted inside
-(TLS is intercepted here), imported under the name `python:3.11-slim`. Torch comes from a tiny local
+tests make the base images themselves: a debootstrapped Debian with Python, the host's CA bundle trusted inside
+(TLS is intercepted here), imported under the name `python:3.11-slim`, and a variant of it imported as the
+CUDA image's base. Torch comes from a tiny local
 package index (the local CPU wheel and its dependencies) passed through the Dockerfile's TORCH_INDEX_URL
 build argument; the Dockerfile itself is built unchanged.
 """
@@ -120,9 +121,9 @@ class DockerEngine:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def stand_in_python_image(engine: DockerEngine, cache: Path) -> None:
-    """Import a debootstrapped Debian with Python 3 and pip as `python:3.11-slim`. The rootfs is cached
-    between runs; the CA bundle copied in is always the current host's."""
+def _rootfs(cache: Path) -> Path:
+    """A debootstrapped Debian with Python 3, its headers, pip and venv (cached between runs; the CA bundle
+    copied in is always the current host's)."""
     rootfs = cache / "rootfs-dev"  # named for its package set: a cache made with another set is not reused
     if not (rootfs / ".complete").exists():
         mirror, suite = debian_mirror()
@@ -144,19 +145,41 @@ def stand_in_python_image(engine: DockerEngine, cache: Path) -> None:
             marker.unlink()  # the official image lets pip install globally
         (rootfs / ".complete").touch()
     shutil.copy(HOST_CA, rootfs / "etc" / "ssl" / "certs" / "ca-certificates.crt")
+    return rootfs
+
+
+def _import(engine: DockerEngine, rootfs: Path, name: str) -> None:
     env = {**os.environ, "DOCKER_HOST": engine.host}
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "--exclude", "./.complete", "-c", "."], stdout=subprocess.PIPE)
     imp = subprocess.run(
-        ["docker", "import", "-", "python:3.11-slim"],
-        stdin=tar.stdout,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+        ["docker", "import", "-", name], stdin=tar.stdout, capture_output=True, text=True, env=env, timeout=600
     )
     tar.stdout.close()
     if tar.wait() != 0 or imp.returncode != 0:
         raise CommandFailed(f"docker import failed: {imp.stdout}{imp.stderr}")
+
+
+def stand_in_python_image(engine: DockerEngine, cache: Path) -> None:
+    """Import the debootstrapped Debian with Python 3 and pip as `python:3.11-slim`."""
+    _import(engine, _rootfs(cache), "python:3.11-slim")
+
+
+CUDA_BASE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04"
+
+
+def stand_in_cuda_image(engine: DockerEngine, cache: Path, work: Path) -> None:
+    """Import, as Dockerfile-nvidia's base, what matters of it without CUDA: like Ubuntu 24.04 it has a user
+    `ubuntu` with uid 1000, and Python without its development headers."""
+    rootfs = work / "cuda-rootfs"
+    run(["cp", "-a", str(_rootfs(cache)), str(rootfs)], timeout=600)
+    dev = ["python3-dev", "python3.11-dev", "libpython3-dev", "libpython3.11-dev"]
+    run(["chroot", str(rootfs), "dpkg", "--purge", "--force-depends", *dev])
+    run(["chroot", str(rootfs), "useradd", "--create-home", "--uid", "1000", "ubuntu"])
+    assert not list(rootfs.glob("usr/include/python3*/Python.h"))
+    try:
+        _import(engine, rootfs, CUDA_BASE)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
 
 
 def local_torch_index(directory: Path) -> Path:

@@ -1,8 +1,11 @@
-"""The real image: hadolint on both Dockerfiles, then build the CPU Dockerfile unchanged, run it, wait for its
-HEALTHCHECK, and chat with it through curl and the OpenAI SDK.
+"""The real images: hadolint on both Dockerfiles, then build each unchanged, run it, wait for its HEALTHCHECK, and
+chat with it through curl and the OpenAI SDK. The CPU image runs with named volumes on its cache folders (as
+docker compose mounts them), which the server (uid 1000) must be able to write. The CUDA image is built from a
+stand-in base with what matters of Ubuntu 24.04 but CUDA (a uid-1000 user, Python without headers) and a CPU
+torch wheel: without a GPU it must refuse to start with one line, and with --device cpu it serves compiled.
 
-Needs root, dockerd and debootstrap. Without them the build test skips with the reason, unless
-AETHERIS_REQUIRE_DOCKER=1 (set by .ci/run), where it fails instead.
+Needs root, dockerd and debootstrap. Without them the build tests skip with the reason, unless
+AETHERIS_REQUIRE_DOCKER=1 (set by .ci/run), where they fail instead.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import openai
 import pytest
 
 from model import huge_pages
-from tests.dockerenv import DockerEngine, local_torch_index, stand_in_python_image
+from tests.dockerenv import CUDA_BASE, DockerEngine, local_torch_index, stand_in_cuda_image, stand_in_python_image
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = os.environ.get("AETHERIS_REQUIRE_DOCKER") == "1"
@@ -77,7 +80,9 @@ def _wait_healthy(engine: DockerEngine, container: str, timeout: float = 600) ->
     raise AssertionError(f"container health {status!r} after {timeout}s; logs:\n{logs[-3000:]}")
 
 
-def test_build_and_serve_the_real_image(tmp_path_factory):
+@pytest.fixture(scope="module")
+def docker(tmp_path_factory):
+    """(engine, build args) with a private dockerd and torch served from a local index."""
     reason = _missing_tools()
     if reason:
         if REQUIRED:
@@ -86,76 +91,92 @@ def test_build_and_serve_the_real_image(tmp_path_factory):
     work = tmp_path_factory.mktemp("docker")
     engine = DockerEngine(work)
     port = _free_port()
+    root = local_torch_index(work / "index").parent
     index = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            str(port),
-            "--directory",
-            str(local_torch_index(work / "index").parent),
-        ],
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory", str(root)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    image, container = "aetheris-ci:test", "aetheris-ci"
     try:
         engine.start()
-        stand_in_python_image(engine, Path.home() / ".cache" / "aetheris-docker-test")
-        engine.docker(
-            "build",
-            "--network",
-            "host",
-            "--build-arg",
-            f"TORCH_INDEX_URL=http://127.0.0.1:{port}/simple",
-            "-t",
-            image,
-            str(ROOT),
-            timeout=1800,
-        )
-        host_port = _free_port()
-        engine.docker("run", "-d", "--name", container, "-p", f"127.0.0.1:{host_port}:7860", image)
-        _wait_healthy(engine, container)
-        url = f"http://127.0.0.1:{host_port}"
-        body = {
-            "model": "aetheris-hybrid",
-            "messages": [{"role": "user", "content": "Tell me a story."}],
-            "max_tokens": 24,
-            "temperature": 0,
-        }
-        curl = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "-f",
-                url + "/v1/chat/completions",
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                json.dumps(body),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        reply = json.loads(curl.stdout)
-        assert reply["model"] == "aetheris-hybrid" and reply["choices"][0]["message"]["content"].strip()
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        sdk = client.chat.completions.create(**body)
-        assert sdk.choices[0].message.content == reply["choices"][0]["message"]["content"]  # greedy: same text
-        user = engine.docker("exec", container, "id", "-u").stdout.strip()
-        assert user == "1000"
-        metrics = httpx.get(url + "/metrics", timeout=10).text  # the image serves the compiled fast path
-        logs = engine.docker("logs", container).stderr
-        assert "aetheris_compiled 1.0" in metrics, logs[-3000:]
-        assert "few-row kernel (bf16: " in logs, logs[-3000:]  # and builds the projections' kernel
-        # the container sees the host's THP setting (sysfs is mounted read-only) and moves the weights
-        assert ("weights in transparent huge pages" in logs) == huge_pages.available(), logs[-3000:]
+        yield engine, ["--network", "host", "--build-arg", f"TORCH_INDEX_URL=http://127.0.0.1:{port}/simple"], work
     finally:
         index.kill()
+        engine.stop()
+
+
+def _chat(url: str) -> str:
+    """A greedy chat through curl, then the same through the OpenAI SDK; the reply's text."""
+    body = {
+        "model": "aetheris-hybrid",
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    curl = subprocess.run(
+        ["curl", "-sS", "-f", url + "/v1/chat/completions", "-H", "Content-Type: application/json", "-d",
+         json.dumps(body)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    reply = json.loads(curl.stdout)
+    assert reply["model"] == "aetheris-hybrid" and reply["choices"][0]["message"]["content"].strip()
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    sdk = client.chat.completions.create(**body)
+    assert sdk.choices[0].message.content == reply["choices"][0]["message"]["content"]  # greedy: same text
+    return sdk.choices[0].message.content
+
+
+def _serve(engine: DockerEngine, image: str, container: str, *run_args: str) -> tuple[str, str]:
+    """Run the image, wait for its HEALTHCHECK, chat with it; (url, server log)."""
+    host_port = _free_port()
+    engine.docker("run", "-d", "--name", container, "-p", f"127.0.0.1:{host_port}:7860", *run_args, image)
+    _wait_healthy(engine, container)
+    url = f"http://127.0.0.1:{host_port}"
+    _chat(url)
+    assert engine.docker("exec", container, "id", "-u").stdout.strip() == "1000"
+    metrics = httpx.get(url + "/metrics", timeout=10).text  # the image serves the compiled fast path
+    logs = engine.docker("logs", container).stderr
+    assert "aetheris_compiled 1.0" in metrics, logs[-3000:]
+    assert "few-row kernel (bf16: " in logs, logs[-3000:]  # and builds the projections' kernel
+    # the container sees the host's THP setting (sysfs is mounted read-only) and moves the weights
+    assert ("weights in transparent huge pages" in logs) == huge_pages.available(), logs[-3000:]
+    return url, logs
+
+
+def test_build_and_serve_the_cpu_image_with_cache_volumes(docker):
+    engine, build_args, _ = docker
+    image, container = "aetheris-ci:test", "aetheris-ci"
+    volumes = ["-v", "ci-inductor:/home/user/.cache/torchinductor", "-v", "ci-hf:/home/user/.cache/huggingface"]
+    try:
+        stand_in_python_image(engine, Path.home() / ".cache" / "aetheris-docker-test")
+        engine.docker("build", *build_args, "-t", image, str(ROOT), timeout=1800)
+        _serve(engine, image, container, *volumes)
+        # the volumes belong to the server's user, and hold what it compiled (the kernel, inductor's cache)
+        owners = engine.docker("exec", container, "stat", "-c", "%u", "/home/user/.cache/torchinductor",
+                               "/home/user/.cache/huggingface").stdout.split()  # fmt: skip
+        assert owners == ["1000", "1000"]
+        built = engine.docker("exec", container, "find", "/home/user/.cache/torchinductor", "-name", "*.so").stdout
+        assert len(built.split()) >= 2, built  # the few-row kernel and compiled graphs
+    finally:
         subprocess.run(["docker", "-H", engine.host, "rm", "-f", container], capture_output=True)
         subprocess.run(["docker", "-H", engine.host, "rmi", "-f", image, "python:3.11-slim"], capture_output=True)
-        engine.stop()
+
+
+def test_the_cuda_image_builds_refuses_without_a_gpu_and_serves_on_cpu(docker):
+    engine, build_args, work = docker
+    image, container = "aetheris-ci:cuda", "aetheris-ci-cuda"
+    try:
+        stand_in_cuda_image(engine, Path.home() / ".cache" / "aetheris-docker-test", work)
+        engine.docker("build", *build_args, "-f", "Dockerfile-nvidia", "-t", image, str(ROOT), timeout=1800)
+        # No GPU: the image's device is cuda, so the server stops with one line saying why, status 1.
+        r = subprocess.run(
+            ["docker", "-H", engine.host, "run", "--name", container + "-nogpu", image],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "--device cuda: CUDA is not available here (this torch is a CPU build)" in r.stderr, r.stderr[-2000:]
+        _serve(engine, image, container, "-e", "AETHERIS_DEVICE=cpu")
+    finally:
+        for name in (container, container + "-nogpu"):
+            subprocess.run(["docker", "-H", engine.host, "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "-H", engine.host, "rmi", "-f", image, CUDA_BASE], capture_output=True)

@@ -87,3 +87,21 @@ def test_packing_asked_for_where_it_cannot_run(monkeypatch):
     assert done.linears == "F.linear" and done.notes == []  # the server serves plain F.linear
     with pytest.raises(NotSupported, match="oneDNN weight packing"):
         prepare_for_inference(_model(), Speedups(pack=True, huge_pages=False, compile=False), strict=True)
+
+
+def test_compiling_needs_the_python_headers_and_the_devices_compiler(monkeypatch, tmp_path):
+    """Inductor's C++ kernels (CPU) and Triton's launcher (CUDA) both include Python.h; Triton builds with a C
+    compiler, not a C++ one."""
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(prepare.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    assert prepare.missing_compiler(torch.device("cpu")) == (
+        f"no Python development headers ({tmp_path / 'Python.h'} is missing; e.g. apt-get install python3-dev)"
+    )
+    (tmp_path / "Python.h").touch()
+    found = {"g++"}
+    monkeypatch.setattr(prepare.shutil, "which", lambda name: name if name in found else None)
+    assert prepare.missing_compiler(torch.device("cpu")) is None
+    assert prepare.missing_compiler(torch.device("cuda")) == "no C compiler (gcc / clang) on PATH"
+    found.add("gcc")
+    assert prepare.missing_compiler(torch.device("cuda")) is None
