@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import uvicorn
 
 from .app import create_app
 from .settings import parse_args
+
+FAILURE_GRACE_S = 2.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,9 +23,11 @@ def main(argv: list[str] | None = None) -> None:
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5
     )
     server = uvicorn.Server(config)
-    app.state.holder.on_failure = lambda: setattr(server, "should_exit", True)
+    # Stop a few seconds after a failure, so /health can say why (503) before the process exits non-zero.
+    stop = lambda: setattr(server, "should_exit", True)  # noqa: E731
+    app.state.holder.on_failure = lambda: threading.Timer(FAILURE_GRACE_S, stop).start()
     server.run()
-    if app.state.holder.error is not None:  # the model did not load: fail loudly (the cause is logged)
+    if app.state.holder.failed:  # the model did not load, or the engine stopped: the cause is logged
         sys.exit(1)
 
 

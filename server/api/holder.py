@@ -31,13 +31,20 @@ class ModelHolder:
         self.settings, self.serving, self.loader = settings, serving, loader
         self.error: str | None = None
         self.metrics = serving.engine.metrics if serving is not None and serving.engine.metrics else Metrics()
-        # Called when loading fails; `python -m server` stops the server with it, so the process exits
-        # non-zero and `docker run` or an orchestrator shows the cause, instead of a server answering 503.
+        # Called when loading fails or the engine stops for good; `python -m server` stops the server with it, so
+        # the process exits non-zero and `docker run` or an orchestrator shows the cause (and restarts it),
+        # instead of a server answering 503 forever.
         self.on_failure: Callable[[], None] | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The model did not load, or its engine has stopped for good."""
+        return self.error is not None or (self.serving is not None and not self.serving.engine.alive)
 
     def load(self) -> None:
         try:
             self.serving = self.loader(self.settings, self.metrics)
+            self.serving.engine.on_death = lambda: self.on_failure and self.on_failure()
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.error("could not load the model %s: %s", self.settings.model, self.error)

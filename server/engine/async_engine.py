@@ -13,14 +13,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from model import HybridLM
 from model.tokenizer import Tokenizer
 
 from ..engine_io import EngineError, EngineOverloaded, GenerationRequest, RequestOutput
 from .channel import DEFAULT_LIMIT, OutputChannel, deliver
-from .core import CoreConfig, EngineCore
+from .core import CoreConfig, EngineCore, device_failed
 
 log = logging.getLogger("aetheris.engine")
 
@@ -48,6 +48,8 @@ class Engine:
         self._stop = threading.Event()
         self._outbox: list[tuple] = []  # (loop, queue, output) emitted this iteration; engine thread only
         self._thread = threading.Thread(target=self._loop, name="aetheris-engine", daemon=True)
+        # Called once the engine thread has ended for good (the server then exits, so an orchestrator restarts it).
+        self.on_death: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> Engine:
@@ -117,10 +119,15 @@ class Engine:
     def _loop(self) -> None:
         try:
             self._iterate()
-        except BaseException:  # the thread is ending: nobody would ever answer the requests in flight
-            log.critical("the engine thread stopped; /health answers 503 until the server is restarted")
-            self.core.fail_all("the engine has stopped; see the server log")
+        except BaseException as e:  # the thread is ending: nobody would ever answer the requests in flight
+            log.critical("the engine thread stopped (%s: %s); /health answers 503", type(e).__name__, e)
+            try:  # every request gets its error first; freeing their slots may fail on a failed device
+                self.core.fail_all("the engine has stopped; see the server log")
+            except Exception:
+                log.exception("freeing the slots of the requests in flight failed")
             self._flush()
+            if self.on_death is not None:
+                self.on_death()
             raise
 
     def _iterate(self) -> None:
@@ -130,6 +137,8 @@ class Engine:
                 if self.core.has_work():
                     self.core.step()
             except Exception as e:  # keep serving: fail what was in flight, not the process
+                if device_failed(e):  # ...unless the device itself failed: then every later step would too
+                    raise
                 log.exception("engine iteration failed")
                 try:
                     self.core.fail_all(f"internal error in the engine: {type(e).__name__}")

@@ -38,6 +38,12 @@ from .state_pool import StatePool
 log = logging.getLogger("aetheris.engine")
 
 
+def device_failed(e: BaseException) -> bool:
+    """An error of the device itself (a CUDA error such as a device-side assert): the context is poisoned, so
+    every later request would fail too. It is not one request's failure; the engine stops on it."""
+    return isinstance(e, torch.AcceleratorError) or (isinstance(e, RuntimeError) and "CUDA error" in str(e))
+
+
 @dataclass(kw_only=True)
 class CoreConfig:
     max_batch_size: int = 32  # state slots = the most sequences decoding at once
@@ -95,12 +101,15 @@ class EngineCore:
 
     def fail(self, r: RequestState, message: str) -> None:
         """End one request with an error (500 / an error event) and free its slots; the others carry on."""
+        self.output.fail(r, message)  # first: freeing the slots touches the device, which may have failed
         self.abort(r.request_id)
-        self.output.fail(r, message)
 
     def fail_all(self, message: str) -> None:
-        for r in list(self.scheduler.requests.values()):
-            self.fail(r, message)
+        requests = list(self.scheduler.requests.values())
+        for r in requests:
+            self.output.fail(r, message)
+        for r in requests:
+            self.abort(r.request_id)
 
     def _fail_rows(self, seqs: list[Sequence], bad: list[int], why: str) -> None:
         for rid in dict.fromkeys(seqs[i].request_id for i in bad):
@@ -133,6 +142,8 @@ class EngineCore:
         try:
             work(*args)
         except Exception as e:
+            if device_failed(e):
+                raise
             log.exception("%s: failed while prefilling", r.request_id)
             self.fail(r, f"internal error while serving this request: {type(e).__name__}")
 
@@ -141,6 +152,8 @@ class EngineCore:
         try:
             seqs, logits = self.runner.decode()
         except Exception as e:
+            if device_failed(e):
+                raise
             log.exception("the decode step failed; failing the %d sequences in it", len(self.runner.running))
             seqs = list(self.runner.running)
             self._fail_rows(seqs, list(range(len(seqs))), f"the decode step failed ({type(e).__name__})")
@@ -207,7 +220,9 @@ class EngineCore:
             return seqs, logits, Sampled([], [])
         try:
             sampled = self.sample_next(seqs, logits)
-        except Exception:  # find the rows at fault by sampling them one at a time
+        except Exception as e:  # find the rows at fault by sampling them one at a time
+            if device_failed(e):
+                raise
             log.exception("sampling a batch of %d failed; sampling row by row", len(seqs))
             sampled, bad = self._sample_rows(seqs, logits)
             self._fail_rows(seqs, bad, "the sampler failed")
@@ -230,7 +245,9 @@ class EngineCore:
         for i, s in enumerate(seqs):
             try:
                 one = self.sample_next([s], logits[i : i + 1])
-            except Exception:
+            except Exception as e:
+                if device_failed(e):
+                    raise
                 bad.append(i)
                 continue
             tokens += one.tokens

@@ -7,8 +7,8 @@ has no fault checks at all.
 
 Points: prefill (an out-of-range token id reaches the embedding), nan (the request's logits are NaN),
 sampler (the sampler raises on a batch holding the request), token (the sampler returns an id outside the
-vocabulary), step (the batched decode step raises), hang (the iteration sleeps `seconds`), die (the engine
-thread exits).
+vocabulary), step (the batched decode step raises), device (the decode step raises a CUDA error, which stops
+the engine), hang (the iteration sleeps `seconds`), die (the engine thread exits).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+
+import torch
 
 from .sampler import Sampled
 
@@ -79,6 +81,8 @@ def install(core) -> None:
     def faulty_decode():
         if hit("step", _seeds(runner.running)):
             raise RuntimeError("injected: the decode step fails")
+        if hit("device", _seeds(runner.running)):
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered (injected)")
         seqs, logits = decode()
         return seqs, nan_rows(seqs, logits)
 

@@ -310,3 +310,20 @@ def test_a_model_that_fails_to_load_ends_the_process(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "could not load the model" in line]
     assert proc.returncode != 0 and len(lines) == 1 and str(missing) in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_device_failure_stops_the_engine_and_the_process(ckpt):
+    """A CUDA error (injected on CPU: the decode step raises torch.AcceleratorError) poisons the device for
+    every later step: the request fails, /health says engine_dead, and the process exits non-zero so that an
+    orchestrator restarts it, instead of a server that answers 200 to /health and fails every request."""
+    s = ServerProcess(ckpt, env={"AETHERIS_FAULTS": "device=108"})
+    try:
+        r = httpx.post(s.url + "/v1/chat/completions", json=chat("x", seed=108, max_tokens=4), timeout=60)
+        assert r.status_code == 500
+        assert_openai_error(r.json())
+        h = httpx.get(s.url + "/health", timeout=5)
+        assert h.status_code == 503 and h.json()["error"]["code"] == "engine_dead"
+        assert s.proc.wait(timeout=30) == 1
+        assert "the engine thread stopped (AcceleratorError: CUDA error" in s.output()
+    finally:
+        s.stop()
