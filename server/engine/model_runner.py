@@ -24,6 +24,32 @@ from .state_pool import StatePool
 log = logging.getLogger("aetheris.engine")
 
 
+class StepTimer:
+    """How long decode steps take. On CPU the call is the work; on CUDA the call only launches kernels, so the
+    step is timed by CUDA events, read once the GPU has passed them (a later step), never waited for."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[int, object, object]] = []  # (batch, start event, end event), oldest first
+
+    def time(self, batch: int, step, observe) -> Tensor:
+        """Run `step()` and hand `observe(batch, seconds)` every step whose time is known by now."""
+        if not self.cuda:
+            t0 = time.perf_counter()
+            out = step()
+            observe(batch, time.perf_counter() - t0)
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = step()
+        end.record()
+        self.pending.append((batch, start, end))
+        while self.pending and self.pending[0][2].query():
+            n, a, b = self.pending.pop(0)
+            observe(n, a.elapsed_time(b) / 1000)
+        return out
+
+
 class ModelRunner:
     def __init__(self, model: HybridLM, cfg, vocab: int, metrics=None) -> None:
         """`cfg` is the engine's CoreConfig: slots, context limit, K/V blocks, snapshot budget."""
@@ -34,6 +60,7 @@ class ModelRunner:
         )
         self.graphs = capture(model, self.pool, cfg.max_batch_size) if cfg.cuda_graphs else None
         self.cache = PrefixCache(cfg.state_cache_bytes)
+        self.timer = StepTimer(self.device)
         if cfg.state_cache_dir:
             self._restore_pinned(SnapshotStore(cfg.state_cache_dir, model, cfg.model_id))
 
@@ -97,17 +124,18 @@ class ModelRunner:
         """ONE batched step over every running sequence, in place on the pool's rows: (seqs, logits (B, V))."""
         seqs = list(self.running)  # row order
         ids = [s.output_ids[-1] for s in seqs]
-        t0 = time.perf_counter()
-        if self.graphs is not None:
-            logits = self.graphs.decode(ids)
-        else:  # CPU, or a model a graph cannot serve
-            rows = self.pool.view()
-            tokens = torch.tensor(ids, device=self.device)  # (B,)
-            logits, _ = self.model.decode(tokens, rows, out=rows)  # the pool rows now hold the new state
+        observe = self.metrics.observe_decode if self.metrics is not None else lambda batch, seconds: None
+        logits = self.timer.time(len(seqs), lambda: self._step(ids), observe)
         self.pool.advance()
-        if self.metrics is not None:
-            self.metrics.observe_decode(len(seqs), time.perf_counter() - t0)
         return seqs, self._sampleable(logits)
+
+    def _step(self, ids: list[int]) -> Tensor:
+        if self.graphs is not None:
+            return self.graphs.decode(ids)
+        rows = self.pool.view()  # CPU, or a model a graph cannot serve
+        tokens = torch.tensor(ids, device=self.device)  # (B,)
+        logits, _ = self.model.decode(tokens, rows, out=rows)  # the pool rows now hold the new state
+        return logits
 
     def finish(self, seq: Sequence, tokens: list[int], logits: Tensor | None, ns: str = "") -> None:
         """Free a finished sequence's row. After a decode step (`logits` given) the row summarises `tokens`

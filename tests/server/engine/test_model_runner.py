@@ -136,3 +136,35 @@ def test_prompt_logprobs_start_from_scratch_and_return_every_position(runner):
     want = model.prefill(torch.tensor([PROMPT]), model.empty_state(1), all_logits=True)[0][0, :, :V]
     torch.testing.assert_close(every, want, **TOL)
     torch.testing.assert_close(r.last_logits, want[-1], **TOL)
+
+
+def test_step_timer_reads_cuda_events_once_the_gpu_has_passed_them(monkeypatch):
+    """On CUDA a step's call returns when its kernels are queued: the timer reads CUDA events, never waits for
+    them (no synchronize), and reports each step once the GPU has passed its end event."""
+    from server.engine.model_runner import StepTimer
+
+    class Event:  # stands in for torch.cuda.Event: 5 ms between a step's two events, done when the GPU says so
+        gpu_done = False
+
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+
+        def record(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            return Event.gpu_done
+
+        def elapsed_time(self, end) -> float:
+            return 5.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    timer, seen = StepTimer(torch.device("cuda")), []
+    assert timer.time(3, lambda: "logits", lambda b, s: seen.append((b, s))) == "logits"
+    assert seen == []  # the GPU is still on it
+    Event.gpu_done = True
+    timer.time(4, lambda: None, lambda b, s: seen.append((b, s)))
+    assert seen == [(3, 0.005), (4, 0.005)] and timer.pending == []
+    cpu, seen = StepTimer(torch.device("cpu")), []
+    cpu.time(2, lambda: None, lambda b, s: seen.append(b))
+    assert seen == [2]
