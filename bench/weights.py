@@ -3,6 +3,7 @@ GGUF f32 that llama-cpp-python's own converter makes from it."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -62,3 +63,50 @@ def to_gguf(hf_dir: Path, cache: Path, outtype: str = "f32") -> Path:
         capture_output=True,
     )
     return out
+
+
+def write_random_hf(config, directory: Path, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 1 << 30) -> int:
+    """A random checkpoint of any transformers config at any size, written shard by shard (the model is laid out
+    on the meta device, so the writer never holds more than one shard): norms 1, A_log / dt_bias / D and
+    correction biases small, other weights N(0, 0.02). Returns the parameter count; writes config.json and
+    model.safetensors(.index.json)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    gen = torch.Generator().manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        if size > shard_bytes:
+            _save_shard(shards, directory)
+            shards.append({})
+            size = 0
+        t = torch.empty(shape, dtype=torch.float32)
+        if "norm" in name and name.endswith("weight"):
+            t.fill_(1.0)
+        elif name.endswith(("A_log", "dt_bias", "D", "correction_bias")):
+            t.uniform_(-0.5, 0.5, generator=gen)
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        shards[-1][name] = t.to(dtype)
+        size += shards[-1][name].nbytes
+    _save_shard(shards, directory)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for i, name in enumerate(names):
+        (directory / f"shard-{i}.safetensors").rename(directory / name)
+    weight_map = {k: names[i] for i, shard in enumerate(shards) for k in shard}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def _save_shard(shards: list[dict], directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    i = len(shards) - 1
+    save_file(shards[i], str(directory / f"shard-{i}.safetensors"), metadata={"format": "pt"})
+    shards[i] = dict.fromkeys(shards[i])  # the names stay for the index, the tensors go

@@ -18,17 +18,17 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
 
+from .build import build_model
 from .config import ModelConfig
 from .errors import CheckpointError
 from .families import detect
 from .lm import HybridLM
 from .packed import is_packed
-from .quantized import is_quantized
+from .quantized import Quantizer, is_quantized
 from .tokenizer import Tokenizer
+from .weights import Node, read_header
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -79,8 +79,8 @@ def find_checkpoint(directory: Path) -> Path:
     return directory  # reading it names what is missing
 
 
-def read_safetensors(directory: Path) -> dict[str, Tensor]:
-    """All tensors of a checkpoint directory, single-file or sharded."""
+def read_safetensors(directory: Path) -> dict[str, Node]:
+    """Every tensor of a checkpoint directory, single-file or sharded, as nodes read on demand (model/weights.py)."""
     index = directory / INDEX
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map")
@@ -92,20 +92,13 @@ def read_safetensors(directory: Path) -> dict[str, Tensor]:
     else:
         found = sorted(p.name for p in directory.iterdir())
         raise CheckpointError(f"{directory}: no {WEIGHTS} or {INDEX} (found {found}); only safetensors is read")
-    tensors: dict[str, Tensor] = {}
+    nodes: dict[str, Node] = {}
     for name in files:
         file = directory / name
         if not file.exists():
             raise CheckpointError(f"{file}: shard listed in {INDEX} is missing")
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-    return tensors
+        nodes.update(read_header(file))
+    return nodes
 
 
 def _read_config(directory: Path) -> dict:
@@ -118,15 +111,15 @@ def _read_config(directory: Path) -> dict:
         raise CheckpointError(f"{file}: invalid JSON ({e})") from e
 
 
-def _embedding_rows(sd: dict[str, Tensor]) -> int | None:
+def _embedding_rows(sd: dict[str, Node]) -> int | None:
     for key in ("backbone.embeddings.weight", "backbone.embedding.weight", "model.embed_tokens.weight"):
         if key in sd:
             return sd[key].shape[0]
     return None
 
 
-def config_and_weights(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Read any supported checkpoint directory into our config and our parameter names."""
+def config_and_weights(directory: Path) -> tuple[ModelConfig, dict[str, Node]]:
+    """Read any supported checkpoint directory into our config and our parameter names (nodes, not read yet)."""
     raw = _read_config(directory)
     family = detect(raw)
     sd = read_safetensors(directory)
@@ -144,47 +137,17 @@ def config_and_weights(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]
     return cfg, sd
 
 
-def build_model(
-    cfg: ModelConfig, sd: dict[str, Tensor], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> HybridLM:
-    """Allocate the model without initialising it, check every tensor, then copy the weights in."""
-    with torch.device("meta"):
-        model = HybridLM(cfg)
-    expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing:
-        raise CheckpointError(
-            f"missing tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    if unexpected:
-        raise CheckpointError(
-            f"unexpected tensor {unexpected[0]!r} with shape {tuple(sd[unexpected[0]].shape)}"
-            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
-        )
-    for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-    dtype = dtype or sd["embeddings.weight"].dtype
-    model.to_empty(device=device)
-    model.cast(dtype)
-    if cfg.tie_embeddings:
-        sd = {**sd, "lm_head.weight": sd["embeddings.weight"]}
-    model.load_state_dict(sd, strict=True)
-    model.tie_weights()
-    for moe in model.moe_layers().values():
-        moe.reset_stats()
-    return model.eval()
-
-
 def load_model(
-    path_or_id: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path_or_id: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    quantizer: Quantizer | None = None,
 ) -> tuple[HybridLM, Tokenizer | None]:
-    """Load a model (and its tokenizer if the checkpoint has one) from a directory or a Hub repo id."""
+    """Load a model (and its tokenizer if the checkpoint has one) from a directory or a Hub repo id, tensor by
+    tensor (model/build.py), quantizing while loading when a quantizer is given."""
     directory = resolve(path_or_id)
-    cfg, sd = config_and_weights(directory)
-    model = build_model(cfg, sd, device, dtype)
+    cfg, nodes = config_and_weights(directory)
+    model = build_model(cfg, nodes, device, dtype, quantizer)
     return model, Tokenizer.from_dir(directory)
 
 

@@ -302,10 +302,13 @@ class HybridLM(nn.Module):
         return {i: b.ffn for i, b in enumerate(self.layers) if isinstance(b.ffn, MoE)}
 
     def num_parameters(self) -> tuple[int, int]:
-        """(total, active per token): an MoE layer contributes top_k of its experts to the active count."""
-        total = sum(p.numel() for p in self.parameters())
+        """(total, active per token): an MoE layer contributes top_k of its experts to the active count. Counted
+        on the architecture (a copy on the meta device), so a quantized or packed model counts the same."""
+        with torch.device("meta"):
+            ref = HybridLM(self.config)
+        total = sum(p.numel() for p in ref.parameters())
         inactive = 0
-        for moe in self.moe_layers().values():
+        for moe in ref.moe_layers().values():
             per_expert = sum(w[0].numel() for w in moe.expert_params())
             inactive += (moe.n_experts - moe.top_k) * per_expert
         return total, total - inactive

@@ -23,7 +23,7 @@ from torch import nn
 from . import gemv
 from .huge_pages import huge_page_bytes, use_huge_pages
 from .packed import NO_BF16_ENV, can_pack, pack_linears, packing_pays_here
-from .quantized import quantize_int8
+from .quantized import QUANTIZERS, quantized_layers
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class NotSupported(RuntimeError):
 class Speedups:
     """What to do; the defaults are the server's."""
 
-    quantize: str | None = None  # "int8": weight-only int8, replacing the kernel and packing
+    quantize: str | None = None  # a name of quantized.QUANTIZERS ("int8"), replacing the kernel and packing
     pack: bool | None = None  # None: the few-row kernel, else packing where it pays; True: pack; False: F.linear
     pack_experts: bool = True  # with packing, the MoE experts too
     huge_pages: bool = True
@@ -71,9 +71,12 @@ def missing_compiler(device: torch.device) -> str | None:
 
 
 def _linears(model: nn.Module, s: Speedups, strict: bool, out: Prepared) -> None:
-    if s.quantize == "int8":
-        out.linears = "int8"
-        out.notes.append(f"quantized {quantize_int8(model)} Linear layers and the MoE experts to int8")
+    if s.quantize is not None:
+        quantizer = QUANTIZERS[s.quantize]
+        done = quantized_layers(model)  # quantized while loading (model/build.py), or now
+        n = len(done) if done else quantizer.quantize(model)
+        out.linears = s.quantize
+        out.notes.append(f"quantized {n} Linear layers and the MoE experts to {s.quantize}")
         return
     if s.pack is None and gemv.can_use(model) and (n := gemv.use_gemv(model)):
         out.linears = "few-row kernel"

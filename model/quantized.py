@@ -15,12 +15,17 @@ Quantized weights are not saved: quantizing is a load-time step for serving, lik
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from .packed import called_linears, replace_experts
+from .weights import Node, as_node
 
 QMAX = 127
 # Rows (batch x tokens) up to which the int8 kernel multiplies; past it, the weight is dequantized for one GEMM.
@@ -86,13 +91,17 @@ def int8_linear_reference(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | No
 class Int8Linear(nn.Module):
     """nn.Linear with an int8 per-row weight; x (..., I) -> (..., O) in x's dtype."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_rows(linear.weight)
-        self.register_buffer("qweight", q)  # (O, I) int8
-        self.register_buffer("scale", scale.to(linear.weight.dtype))  # (O,)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)  # (O, I) int8
+        self.register_buffer("scale", scale)  # (O,) in the model's dtype
+        self.bias = bias
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: Tensor | None) -> Int8Linear:
+        q, scale = quantize_rows(weight)
+        return cls(q, scale.to(weight.dtype), None if bias is None else bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
         return int8_linear(x, self.qweight, self.scale, self.bias)  # (..., O)
@@ -106,11 +115,21 @@ class Int8Experts(nn.Module):
     expert e's (q, scale) pair, which `int8_expert_linear` multiplies, so the MoE's grouped dispatch runs as
     it does with packed or plain weights."""
 
-    def __init__(self, stacked: Tensor) -> None:
+    def __init__(self, qweight: Tensor, scale: Tensor) -> None:
         super().__init__()
-        q, scale = quantize_rows(stacked)
-        self.register_buffer("qweight", q)  # (E, O, I) int8
-        self.register_buffer("scale", scale.to(stacked.dtype))  # (E, O)
+        self.register_buffer("qweight", qweight)  # (E, O, I) int8
+        self.register_buffer("scale", scale)  # (E, O)
+
+    @classmethod
+    def quantize(cls, stacked: Node, dtype: torch.dtype) -> Int8Experts:
+        """One expert at a time: the full-precision stack is never whole in memory (`stacked` may be a node of
+        the checkpoint, read expert by expert)."""
+        q = torch.empty(stacked.shape, dtype=torch.int8)  # (E, O, I)
+        scale = torch.empty(stacked.shape[:2], dtype=dtype)  # (E, O)
+        for e in range(stacked.shape[0]):
+            qe, se = quantize_rows(stacked[e].load().to(dtype))
+            q[e], scale[e] = qe, se.to(dtype)
+        return cls(q, scale)
 
     def __getitem__(self, e: int) -> tuple[Tensor, Tensor]:
         return self.qweight[e], self.scale[e]
@@ -120,23 +139,58 @@ def int8_expert_linear(x: Tensor, weight: tuple[Tensor, Tensor], bias: Tensor | 
     return int8_linear(x, *weight, bias)
 
 
+@dataclass(frozen=True)
+class Quantizer:
+    """A weight-only format, applied to a model's called Linear layers and MoE expert stacks, whether while
+    loading (model/build.py, from the checkpoint's nodes) or to a loaded model (`quantize`)."""
+
+    name: str
+    linear: Callable[[Tensor, Tensor | None], nn.Module]  # (weight in the model dtype, bias) -> the layer
+    experts: Callable[[Node, torch.dtype], nn.Module]  # (stacked (E, O, I) node, model dtype) -> indexable
+    expert_linear: Callable  # how the MoE multiplies by experts[e]
+    nbytes: Callable[[tuple[int, ...], torch.dtype], int]  # bytes a weight of this shape takes once quantized
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module) -> int:
+        """Replace every called nn.Linear (packed.called_linears: those read through `.weight` stay, and are
+        small) and every MoE layer's expert stacks; returns how many Linear layers. A head tied to the
+        embeddings is quantized as a copy: the embedding lookup keeps the original."""
+        if not quantizable(model):
+            raise ValueError(f"{self.name} quantization needs a float32, bfloat16 or float16 model")
+        targets = called_linears(model)
+        for parent, name, child in targets:
+            setattr(parent, name, self.linear(child.weight.detach(), child.bias))
+        replace_experts(
+            model, lambda stacked: self.experts(as_node(stacked.detach()), stacked.dtype), self.expert_linear
+        )
+        return len(targets)
+
+
+INT8 = Quantizer(
+    "int8",
+    Int8Linear.quantize,
+    Int8Experts.quantize,
+    int8_expert_linear,
+    lambda shape, dtype: math.prod(shape) + math.prod(shape[:-1]) * dtype.itemsize,
+)
+
+
 def quantizable(model: nn.Module) -> bool:
     """The model dtypes the int8 path serves: its output keeps the model's dtype."""
     return next(model.parameters()).dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-@torch.no_grad()
 def quantize_int8(model: nn.Module) -> int:
-    """Replace every called nn.Linear (packed.called_linears: those read through `.weight` stay, and are
-    small) by an Int8Linear, and every MoE layer's expert stacks by Int8Experts; returns how many Linear layers.
-    A head tied to the embeddings is quantized as a copy: the embedding lookup keeps the original."""
-    if not quantizable(model):
-        raise ValueError("int8 quantization needs a float32, bfloat16 or float16 model")
-    targets = called_linears(model)
-    for parent, name, child in targets:
-        setattr(parent, name, Int8Linear(child))
-    replace_experts(model, Int8Experts, int8_expert_linear)
-    return len(targets)
+    """`INT8.quantize(model)`: int8 weights for a loaded model; returns how many Linear layers."""
+    return INT8.quantize(model)
+
+
+QUANTIZERS = {q.name: q for q in (INT8,)}
+
+
+def quantized_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's quantized Linear layers (any format)."""
+    return [m for m in model.modules() if isinstance(m, Int8Linear)]
 
 
 def is_quantized(model: nn.Module) -> bool:

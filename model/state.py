@@ -18,6 +18,7 @@ number of tokens it holds. A pool row has a fixed capacity T (the engine's conte
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,9 +34,20 @@ class StateSpec:
 
     def zeros(self, batch: int, capacity: int, device, dtype: torch.dtype) -> Tensor:
         shape = list(self.shape)
-        if self.seq_axis is not None:
-            shape[self.seq_axis] = capacity
-        return torch.zeros(batch, *shape, device=device, dtype=self.dtype or dtype)
+        if self.seq_axis is None:
+            return torch.zeros(batch, *shape, device=device, dtype=self.dtype or dtype)
+        shape[self.seq_axis] = capacity
+        return untouched_zeros((batch, *shape), self.dtype or dtype, device)
+
+
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """Zeros whose memory is committed only where written: on CPU an anonymous mapping, whose pages the kernel
+    hands out zeroed on first touch. A K/V cache sized for the longest context then costs the tokens it holds,
+    not its size (torch.zeros writes every page at once)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes < 1 << 20:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
 
 
 Specs = list[dict[str, StateSpec]]  # one dict per layer

@@ -7,8 +7,10 @@ import logging
 
 import torch
 
+from model.build import GiB, weight_bytes
 from model.checkpoint import load_model
 from model.prepare import Speedups, prepare_for_inference
+from model.quantized import QUANTIZERS
 
 from .api.serving import Serving
 from .engine.async_engine import Engine
@@ -86,6 +88,16 @@ def core_config(settings: Settings, model) -> CoreConfig:
     )
 
 
+def _peak() -> str:
+    """The process's peak resident memory (VmHWM), where Linux reports it."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return f"{kib * 1024 / GiB:.2f} GiB"
+    except (OSError, StopIteration, ValueError):
+        return "unknown"
+
+
 def _log_state_layout(model, cfg: CoreConfig, metrics: Metrics) -> None:
     per_slot = model.empty_state(1, "meta").bytes_per_sequence(cfg.max_model_len)
     metrics.observe_layout(per_slot["fixed"], per_slot["growing"], cfg.max_model_len, cfg.kv_blocks)
@@ -119,16 +131,18 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
         raise ValueError(
             "--quantize int8 is CPU-only: its kernel decodes slower than bf16 on CUDA (bf16 is the default)"
         )
-    model, tokenizer = load_model(settings.model, device, dtype)
+    quantizer = QUANTIZERS.get(settings.quantize)  # quantized while loading: the full-precision model never exists
+    model, tokenizer = load_model(settings.model, device, dtype, quantizer)
     if tokenizer is None:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
-    total, active = model.num_parameters()  # before packing, which moves weights out of the parameters
+    total, active = model.num_parameters()
     prepared = prepare_for_inference(model, speedups(settings))
     for line in prepared.notes:
         log.info("%s", line)
     for line in prepared.warnings:
         log.warning("%s", line)
     metrics.compiled.set(int(prepared.compiled))
+    log.info("weights: %.2f GiB in memory; peak memory of the process so far: %s", weight_bytes(model) / GiB, _peak())
     cfg = core_config(settings, model)
     engine = Engine(
         model,

@@ -239,7 +239,8 @@ class Trainer:
         directory = checkpoints.latest(root)
         if directory is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {root}")
-        _, sd = config_and_weights(directory)
+        _, nodes = config_and_weights(directory)
+        sd = {name: node.load() for name, node in nodes.items()}
         if self.model.config.tie_embeddings:
             sd["lm_head.weight"] = sd["embeddings.weight"]
         self.model.load_state_dict(sd)

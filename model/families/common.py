@@ -11,11 +11,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..weights import stack
 
 ConfigFn = Callable[[dict, "int | None"], ModelConfig]  # (config.json, embedding rows or None) -> ours
 ConvertFn = Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]  # its tensors -> our names
@@ -81,7 +81,7 @@ def stack_experts(out: dict[str, Tensor], experts: dict[tuple[str, str], dict[in
         ids = sorted(per_expert)
         if ids != list(range(len(ids))):
             raise CheckpointError(f"layer {layer}: experts {ids} are not numbered 0..{len(ids) - 1}")
-        out[f"layers.{layer}.ffn.{proj}_proj"] = torch.stack([per_expert[e] for e in ids])
+        out[f"layers.{layer}.ffn.{proj}_proj"] = stack([per_expert[e] for e in ids])
 
 
 # ---------------------------------------------------------------- Mamba-2 hybrids (Bamba, Granite, Nemotron-H)

@@ -33,7 +33,7 @@ def test_rows_round_to_within_half_a_step():
 @pytest.mark.parametrize("in_features", [80, 72])  # 72: not a multiple of 16, the kernel's limit
 def test_int8_linear_equals_reference(dtype, bias, in_features):
     linear = torch.nn.Linear(in_features, 40, bias=bias).to(dtype)
-    layer = Int8Linear(linear)
+    layer = Int8Linear.quantize(linear.weight, linear.bias)
     for shape in [(in_features,), (1, in_features), (5, in_features), (2, 3, in_features), (80, in_features)]:
         x = torch.randn(shape, dtype=dtype)
         got = layer(x)  # up to 64 rows: the int8 kernel where it applies; 80 rows: dequantize + GEMM
@@ -49,7 +49,8 @@ def test_kernel_serves_decode_sized_products():
 
 
 def test_inside_torch_compile():
-    layer = Int8Linear(torch.nn.Linear(32, 16))
+    lin = torch.nn.Linear(32, 16)
+    layer = Int8Linear.quantize(lin.weight, lin.bias)
     fn = torch.compile(lambda x: torch.nn.functional.silu(layer(x * 2)) + 1)
     for batch in (1, 5, 70):
         x = torch.randn(batch, 32)

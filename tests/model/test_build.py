@@ -1,0 +1,65 @@
+"""Building a model tensor by tensor (model/build.py): quantizing while loading gives what quantizing the loaded
+model gives, a model that cannot fit is refused before anything is allocated, and the counts stay true."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model.build as build
+from model import HybridLM
+from model.checkpoint import CheckpointError, load_model, save_checkpoint
+from model.quantized import INT8, Int8Experts, Int8Linear
+from tests.helpers import save_hf_family, tiny_config, toy_tokenizer
+
+TOKENS = torch.tensor([[5, 9, 2, 7, 7, 1]])
+
+
+def _quantized_tensors(model) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{k}": v
+        for name, m in model.named_modules()
+        if isinstance(m, (Int8Linear, Int8Experts))
+        for k, v in m.named_buffers(recurse=False)
+    }
+
+
+@pytest.mark.parametrize("source", ["ours", "granitemoehybrid"])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, source):
+    """Both a MoE checkpoint of ours and an HF Granite one (fused gate/up experts split while loading)."""
+    if source == "ours":
+        save_checkpoint(HybridLM(tiny_config(300, "mamba2-hybrid")), tmp_path, toy_tokenizer())
+    else:
+        save_hf_family(source, tmp_path, 300)
+    after, _ = load_model(tmp_path, dtype=torch.bfloat16)
+    INT8.quantize(after)
+    during, _ = load_model(tmp_path, dtype=torch.bfloat16, quantizer=INT8)
+    want, got = _quantized_tensors(after), _quantized_tensors(during)
+    assert set(got) == set(want) and len(got) > 10
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    with torch.no_grad():
+        torch.testing.assert_close(during(TOKENS).logits, after(TOKENS).logits, atol=0, rtol=0)
+    assert during.num_parameters() == load_model(tmp_path)[0].num_parameters()
+
+
+def test_weights_that_cannot_fit_are_refused_naming_the_bytes(tmp_path, monkeypatch):
+    save_checkpoint(HybridLM(tiny_config(300, "moe-mamba")), tmp_path, toy_tokenizer())
+    fp32, bf16 = (build.weight_bytes(load_model(tmp_path, dtype=d)[0]) for d in (torch.float32, torch.bfloat16))
+    monkeypatch.setattr(build, "available_bytes", lambda device: (fp32 + bf16) // 2)
+    expected = rf"the weights need {build.size(fp32)} and {build.size((fp32 + bf16) // 2)} of cpu memory is available"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(tmp_path, dtype=torch.float32)
+    load_model(tmp_path, dtype=torch.bfloat16)  # fewer bytes: fits
+
+
+def test_needed_bytes_is_what_the_loaded_model_holds(tmp_path):
+    save_checkpoint(HybridLM(tiny_config(300, "mamba2-hybrid")), tmp_path, toy_tokenizer())
+    for dtype, quantizer in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, INT8)):
+        model, _ = load_model(tmp_path, dtype=dtype, quantizer=quantizer)
+        with torch.device("meta"):
+            meta = HybridLM(model.config).cast(dtype)
+        biases = sum(m.bias.nbytes for m in model.modules() if isinstance(m, Int8Linear) and m.bias is not None)
+        assert (
+            build.needed_bytes(meta, build._targets(meta, quantizer), quantizer) == build.weight_bytes(model) + biases
+        )
