@@ -98,6 +98,7 @@ def load(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> boo
             try:
                 torch.ops.load_library(str(build(isa_flags, namespace)))
                 torch.library.register_fake(f"{namespace}::linear")(_linear_shape)
+                torch.library.register_fake(f"{namespace}::int4_mm")(_int4_shape)
                 _loaded[namespace] = True
             except (RuntimeError, OSError) as e:
                 log.warning("few-row kernel unavailable (%s); projections use the library kernels", str(e)[:300])
@@ -107,6 +108,10 @@ def load(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> boo
 
 def _linear_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., O)
+
+
+def _int4_shape(x: Tensor, packed: Tensor, scales: Tensor, group: int) -> Tensor:
+    return x.new_empty((x.numel() // x.shape[-1], packed.shape[0]), dtype=torch.float32)  # (M, O)
 
 
 def bf16_kernel(namespace: str = NAMESPACE) -> str:

@@ -22,10 +22,14 @@ from torch import nn
 
 from . import gemv
 from .huge_pages import huge_page_bytes, use_huge_pages
+from .int4 import INT4
 from .packed import NO_BF16_ENV, can_pack, pack_linears, packing_pays_here
-from .quantized import QUANTIZERS, quantized_layers
+from .quantized import INT8, quantized_layers
 
 log = logging.getLogger(__name__)
+
+
+QUANTIZERS = {q.name: q for q in (INT8, INT4)}
 
 
 class NotSupported(RuntimeError):

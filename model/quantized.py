@@ -91,6 +91,8 @@ def int8_linear_reference(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | No
 class Int8Linear(nn.Module):
     """nn.Linear with an int8 per-row weight; x (..., I) -> (..., O) in x's dtype."""
 
+    QUANTIZED = "linear"  # what `quantized_layers` and `is_quantized` look for, whatever the format
+
     def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape
@@ -114,6 +116,8 @@ class Int8Experts(nn.Module):
     """A MoE layer's stacked expert weights (E, O, I) in int8 with per-row scales (E, O). Indexing gives
     expert e's (q, scale) pair, which `int8_expert_linear` multiplies, so the MoE's grouped dispatch runs as
     it does with packed or plain weights."""
+
+    QUANTIZED = "experts"
 
     def __init__(self, qweight: Tensor, scale: Tensor) -> None:
         super().__init__()
@@ -185,13 +189,10 @@ def quantize_int8(model: nn.Module) -> int:
     return INT8.quantize(model)
 
 
-QUANTIZERS = {q.name: q for q in (INT8,)}
-
-
 def quantized_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's quantized Linear layers (any format)."""
-    return [m for m in model.modules() if isinstance(m, Int8Linear)]
+    """The model's quantized Linear layers, whatever their format."""
+    return [m for m in model.modules() if getattr(m, "QUANTIZED", None) == "linear"]
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules())
+    return any(getattr(m, "QUANTIZED", None) for m in model.modules())

@@ -9,8 +9,8 @@ import torch
 
 from model.build import GiB, weight_bytes
 from model.checkpoint import load_model
-from model.prepare import Speedups, prepare_for_inference
-from model.quantized import QUANTIZERS
+from model.int4 import why_not as int4_why_not
+from model.prepare import QUANTIZERS, Speedups, prepare_for_inference
 
 from .api.serving import Serving
 from .engine.async_engine import Engine
@@ -88,6 +88,14 @@ def core_config(settings: Settings, model) -> CoreConfig:
     )
 
 
+def _check_quantize(name: str, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Refuse, in one line, a quantization this device or dtype cannot serve (dtype None: not known yet)."""
+    if name == "int8" and device.type == "cuda":
+        raise ValueError("--quantize int8 is CPU-only: on CUDA its kernel decodes slower than bf16, the default there")
+    if name == "int4" and (why := int4_why_not(device, dtype)):
+        raise ValueError(f"--quantize int4 cannot serve here: {why}")
+
+
 def _peak() -> str:
     """The process's peak resident memory (VmHWM), where Linux reports it."""
     try:
@@ -127,12 +135,10 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
     dtype = DTYPES.get(settings.dtype)
     if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
-    if device.type == "cuda" and settings.quantize == "int8":
-        raise ValueError(
-            "--quantize int8 is CPU-only: its kernel decodes slower than bf16 on CUDA (bf16 is the default)"
-        )
+    _check_quantize(settings.quantize, device, dtype)
     quantizer = QUANTIZERS.get(settings.quantize)  # quantized while loading: the full-precision model never exists
     model, tokenizer = load_model(settings.model, device, dtype, quantizer)
+    _check_quantize(settings.quantize, device, model.embeddings.weight.dtype)  # the checkpoint's, for --dtype auto
     if tokenizer is None:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
     total, active = model.num_parameters()

@@ -90,9 +90,9 @@ class Settings(BaseSettings):
     )
     quantize: str = Field(
         "none",
-        pattern=r"^(none|int8)$",
-        description="weight-only quantization at load: none, or int8 (per-row scales; a quarter of fp32's bytes, "
-        "activations stay in --dtype; replaces oneDNN packing)",
+        pattern=r"^(none|int8|int4)$",
+        description="weight-only quantization while loading (CPU): none; int8 (per-row scales, half of bf16's "
+        "bytes); int4 (scales per group of 64 inputs, 4.25 bits a weight); activations stay in --dtype",
     )
     huge_pages: bool = Field(
         True,

@@ -9,7 +9,8 @@ import torch
 import model.build as build
 from model import HybridLM
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
-from model.quantized import INT8, Int8Experts, Int8Linear
+from model.int4 import INT4
+from model.quantized import INT8, Int8Linear
 from tests.helpers import save_hf_family, tiny_config, toy_tokenizer
 
 TOKENS = torch.tensor([[5, 9, 2, 7, 7, 1]])
@@ -19,21 +20,21 @@ def _quantized_tensors(model) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{k}": v
         for name, m in model.named_modules()
-        if isinstance(m, (Int8Linear, Int8Experts))
+        if getattr(m, "QUANTIZED", None)
         for k, v in m.named_buffers(recurse=False)
     }
 
 
-@pytest.mark.parametrize("source", ["ours", "granitemoehybrid"])
-def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, source):
-    """Both a MoE checkpoint of ours and an HF Granite one (fused gate/up experts split while loading)."""
+@pytest.mark.parametrize("source, quantizer", [("ours", INT8), ("granitemoehybrid", INT8), ("ours", INT4)])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, source, quantizer):
+    """A MoE checkpoint of ours and an HF Granite one (fused gate/up experts split while loading)."""
     if source == "ours":
-        save_checkpoint(HybridLM(tiny_config(300, "mamba2-hybrid")), tmp_path, toy_tokenizer())
+        save_checkpoint(HybridLM(tiny_config(300, "mamba2-hybrid", d_model=64, d_ff=64)), tmp_path, toy_tokenizer())
     else:
         save_hf_family(source, tmp_path, 300)
     after, _ = load_model(tmp_path, dtype=torch.bfloat16)
-    INT8.quantize(after)
-    during, _ = load_model(tmp_path, dtype=torch.bfloat16, quantizer=INT8)
+    quantizer.quantize(after)
+    during, _ = load_model(tmp_path, dtype=torch.bfloat16, quantizer=quantizer)
     want, got = _quantized_tensors(after), _quantized_tensors(during)
     assert set(got) == set(want) and len(got) > 10
     for name, t in want.items():
@@ -63,3 +64,9 @@ def test_needed_bytes_is_what_the_loaded_model_holds(tmp_path):
         assert (
             build.needed_bytes(meta, build._targets(meta, quantizer), quantizer) == build.weight_bytes(model) + biases
         )
+
+
+def test_int4_refuses_experts_it_cannot_group(tmp_path):
+    save_checkpoint(HybridLM(tiny_config(300, "mamba2-hybrid", d_model=64, d_ff=40)), tmp_path, toy_tokenizer())
+    with pytest.raises(ValueError, match="--quantize int4: experts with 40 inputs are not a whole number of groups"):
+        load_model(tmp_path, quantizer=INT4)
