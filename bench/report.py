@@ -258,20 +258,16 @@ def write(r: dict, out_dir: Path) -> None:
 
 
 def quality_lines(q: dict) -> list[str]:
+    """bench/quantize.py's table: what int8 and int4 weights cost in quality."""
+    from bench.quantize import table
+
     dm = q["default_model"]
-    lines = [
-        f"int8 quality: held-out perplexity of the default model ({dm['tokens']} tokens of TinyStories validation) "
-        f"{dm['fp32']:.3f} in fp32, {dm['int8']:.3f} in int8 ({100 * (dm['int8'] / dm['fp32'] - 1):+.2f}%)."
-    ]
-    if "mamba_130m" in q:
-        m = q["mamba_130m"]
-        lines.append(
-            f"Greedy agreement with fp32 on the mamba-130m-size random weights ({m['prompts']} prompts x "
-            f"{m['new_tokens']} tokens, teacher-forced top-1): int8 {100 * m['int8']['top1_agreement']:.1f}%, bf16 "
-            f"weights {100 * m['bf16']['top1_agreement']:.1f}% (a random 24-layer network amplifies any perturbation; "
-            f"bf16 is the baseline)."
-        )
-    return [" ".join(lines), ""]
+    head = (
+        f"Quantization quality (bench/quantize.py): bits per byte of {dm['tokens']} held-out TinyStories tokens and "
+        f"teacher-forced greedy agreement with fp32 on {dm['prompts']} held-out prompts (the embedded model); KL "
+        "divergence from fp32 of the 130m-size random model's next-token distributions."
+    )
+    return [head, "", table(q), ""]
 
 
 def to_json(r: dict) -> str:

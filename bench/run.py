@@ -223,7 +223,7 @@ def stages(args, hf_dir: Path, gguf: dict | None, report: dict):
         ("default_model", default_model),
         ("server", lambda: report.update(server=server_suite(args, hf_dir))),
         ("servers", lambda: report.update(servers=servers.compare(hf_dir, gguf and gguf[torch.float32]))),
-        ("int8 quality", lambda: report.update(quality=quantize_bench.run(hf_dir=hf_dir))),
+        ("quantization quality", lambda: report.update(quality=quantize_bench.run(hf_dir=hf_dir))),
     ]
 
 

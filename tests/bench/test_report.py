@@ -61,14 +61,12 @@ def full_run() -> dict:
     run["offline_32"], run["offline_32_cpu_s_per_token"] = 600.0, 0.0036
     run["servers"] = {"ours": {1: {**http, "tokens_per_s": 41.0}}, "llama-cpp-python": {1: http}}
     run["default_model"] = {"experts packed": {1: 400.0}, "experts unpacked": {1: 300.0}}
+    metric = lambda bpb, agree: {"bits_per_byte": bpb, "greedy_agreement": agree}  # noqa: E731
+    names = ("fp32", "bf16", "int8", "int4 (g32)", "int4 (g64, served)", "int4 (g128)")
     run["quality"] = {
-        "default_model": {"tokens": 100, "fp32": 10.0, "int8": 10.05},
-        "mamba_130m": {
-            "prompts": 2,
-            "new_tokens": 4,
-            "int8": {"top1_agreement": 0.5, "identical_continuations": 0},
-            "bf16": {"top1_agreement": 0.25, "identical_continuations": 0},
-        },
+        "default_model": {"tokens": 100, "bytes": 400, "prompts": 50}
+        | {n: metric(1.0 + i / 100, 1 - i / 100) for i, n in enumerate(names)},
+        "mamba_130m": {"tokens": 50} | {n: {"kl_vs_fp32": i / 1000} for i, n in enumerate(names[1:])},
     }
     return run
 
@@ -82,7 +80,8 @@ def test_full_run_checks_the_targets_against_llama_cpp(tmp_path):
     assert "| batch 1 int8 vs llama.cpp Q8_0 | 1.20x | - | - |" in md
     assert "offline CPU s/token over the server's | 0.90x | >= 0.85x | met |" in md
     assert "| ours | 41.0, 90 ms |" in md and "| llama-cpp-python | 500.0, 90 ms |" in md
-    assert "- experts unpacked: batch 1: 300" in md and "(+0.50%)" in md
+    assert "- experts unpacked: batch 1: 300" in md
+    assert "| int4 (g32) | 1.0300 | 97.0% | 0.0020 |" in md and "| fp32 | 1.0000 | 100.0% | - |" in md
     assert load(tmp_path / "results.json")["default_model"] == full_run()["default_model"]  # int keys come back
 
 
