@@ -32,6 +32,7 @@ from .weights import Node
 GROUP = 64  # inputs per scale: bench/results/README.md ("int4") has the measurement behind the choice
 QMAX = 7
 KERNEL_MAX_ROWS = 16  # gemv.cpp's MAX_ROWS
+ROWS = 4096  # rows quantized at a time
 
 
 @functools.cache
@@ -41,7 +42,15 @@ def kernel_ready() -> bool:
 
 
 def quantize_int4(w: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor]:
-    """w (O, I) -> packed (O, I/2) uint8 and scales (O, I/G) bf16, w ~= dequantize_int4(packed, scales)."""
+    """w (O, I) -> packed (O, I/2) uint8 and scales (O, I/G) bf16, w ~= dequantize_int4(packed, scales). Large
+    weights go ROWS rows at a time, so the fp32 temporaries stay small (a head is ~100k rows)."""
+    if w.shape[0] > ROWS:
+        parts = [_quantize_rows(w[r : r + ROWS], group) for r in range(0, w.shape[0], ROWS)]
+        return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
+    return _quantize_rows(w, group)
+
+
+def _quantize_rows(w: Tensor, group: int) -> tuple[Tensor, Tensor]:
     O, I = w.shape  # noqa: E741
     g = w.detach().float().reshape(O, I // group, group)  # (O, I/G, G)
     scale = (g.abs().amax(dim=-1) / QMAX).to(torch.bfloat16)  # (O, I/G), rounded as it is stored

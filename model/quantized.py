@@ -36,7 +36,11 @@ KERNEL_MAX_ROWS = 64
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """w (..., O, I) -> q (..., O, I) int8 and scale (..., O) fp32 with w ~= q * scale[..., None]."""
+    """w (..., O, I) -> q (..., O, I) int8 and scale (..., O) fp32 with w ~= q * scale[..., None]. A large 2-D
+    weight goes 4096 rows at a time, so the fp32 temporaries stay small (a head is ~100k rows)."""
+    if w.dim() == 2 and w.shape[0] > 4096:
+        parts = [quantize_rows(w[r : r + 4096]) for r in range(0, w.shape[0], 4096)]
+        return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
     w = w.detach().float()
     scale = w.abs().amax(dim=-1).clamp(min=1e-12) / QMAX  # (..., O)
     q = torch.round(w / scale.unsqueeze(-1)).clamp(-QMAX, QMAX).to(torch.int8)  # (..., O, I)

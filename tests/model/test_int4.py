@@ -96,3 +96,11 @@ def _with_reference(model, fn):
         return fn()
     finally:
         int4.int4_linear = kernel
+
+
+def test_a_large_weight_is_quantized_in_row_blocks_to_the_same_result():
+    from model.int4 import ROWS, _quantize_rows
+
+    w = torch.randn(ROWS + 37, GROUP)
+    for got, want in zip(quantize_int4(w), _quantize_rows(w, GROUP)):
+        assert torch.equal(got, want)

@@ -106,3 +106,12 @@ def test_quantized_model_refuses_to_be_saved(tmp_path):
     with pytest.raises(ValueError, match="quantized"):
         save_checkpoint(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_large_weight_is_quantized_in_row_blocks_to_the_same_result():
+    """Past 4096 rows the weight goes in blocks; every row still gets its own scale, as the definition says."""
+    w = torch.randn(4096 + 37, 16)
+    q, scale = quantize_rows(w)
+    want_scale = w.abs().amax(dim=-1) / 127
+    torch.testing.assert_close(scale, want_scale)
+    assert torch.equal(q, torch.round(w / want_scale[:, None]).clamp(-127, 127).to(torch.int8))
