@@ -286,6 +286,31 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
+// packed (O, I/2), scales (O, I/G) -> the weight (O, I) in fp32 or bf16, one pass (prefill's GEMM reads it).
+at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, int64_t group, at::ScalarType dtype) {
+  TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kBFloat16, "int4");
+  int64_t O = packed.size(0), I = packed.size(1) * 2, H = group / 2, groups = I / group;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequant: float32 or bfloat16");
+  at::Tensor out = at::empty({O, I}, packed.options().dtype(at::kFloat));
+  auto p = packed.const_data_ptr<uint8_t>();
+  auto s = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>());
+  float* w = out.data_ptr<float>();
+  at::parallel_for(0, O, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* b = p + o * (I / 2) + g * H;
+        float sc = widen(s[o * groups + g]);
+        float* wg = w + o * I + g * group;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          wg[j] = float(int(b[j] & 15) - 8) * sc;
+          wg[j + H] = float(int(b[j] >> 4) - 8) * sc;
+        }
+      }
+  });
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
 // Which inner kernel serves int4 weights in this build.
 std::string int4_kernel() {
 #if defined(__AVX512F__)
@@ -313,9 +338,11 @@ TORCH_LIBRARY(AETHERIS_NS, m) {
   m.def("bf16_kernel() -> str", &bf16_kernel);
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales, int group) -> Tensor");
   m.def("int4_kernel() -> str", &int4_kernel);
+  m.def("int4_dequant(Tensor packed, Tensor scales, int group, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(AETHERIS_NS, CPU, m) {
   m.impl("linear", &linear);
   m.impl("int4_mm", &int4_mm);
+  m.impl("int4_dequant", &int4_dequant);
 }

@@ -99,6 +99,7 @@ def load(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> boo
                 torch.ops.load_library(str(build(isa_flags, namespace)))
                 torch.library.register_fake(f"{namespace}::linear")(_linear_shape)
                 torch.library.register_fake(f"{namespace}::int4_mm")(_int4_shape)
+                torch.library.register_fake(f"{namespace}::int4_dequant")(_int4_dequant_shape)
                 _loaded[namespace] = True
             except (RuntimeError, OSError) as e:
                 log.warning("few-row kernel unavailable (%s); projections use the library kernels", str(e)[:300])
@@ -112,6 +113,10 @@ def _linear_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _int4_shape(x: Tensor, packed: Tensor, scales: Tensor, group: int) -> Tensor:
     return x.new_empty((x.numel() // x.shape[-1], packed.shape[0]), dtype=torch.float32)  # (M, O)
+
+
+def _int4_dequant_shape(packed: Tensor, scales: Tensor, group: int, dtype: torch.dtype) -> Tensor:
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)  # (O, I)
 
 
 def bf16_kernel(namespace: str = NAMESPACE) -> str:

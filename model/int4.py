@@ -31,7 +31,7 @@ from .weights import Node
 
 GROUP = 64  # inputs per scale: bench/results/README.md ("int4") has the measurement behind the choice
 QMAX = 7
-KERNEL_MAX_ROWS = 16  # gemv.cpp's MAX_ROWS
+KERNEL_MAX_ROWS = 16  # gemv.cpp's MAX_ROWS; past ~16-32 rows dequantize + GEMM is the faster (bench/results)
 ROWS = 4096  # rows quantized at a time
 
 
@@ -72,14 +72,16 @@ def dequantize_int4(packed: Tensor, scale: Tensor, dtype: torch.dtype = torch.fl
 
 def int4_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., I) @ dequantized weight^T + bias -> (..., O) in x's dtype: a few rows through the kernel (fp32
-    accumulation), more through the dequantized weight."""
+    accumulation), more through the weight dequantized in one pass (gemv.cpp) and one GEMM."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, I)
-    if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and kernel_ready():
-        group = 2 * packed.shape[1] // scale.shape[1]
+    group = 2 * packed.shape[1] // scale.shape[1]
+    if x.device.type != "cpu" or not kernel_ready():
+        y = F.linear(x2, dequantize_int4(packed, scale, x.dtype))  # (M, O)
+    elif x2.shape[0] <= KERNEL_MAX_ROWS:
         y = torch.ops.aetheris_gemv.int4_mm(x2, packed, scale, group).to(x.dtype)  # (M, O)
     else:
-        y = F.linear(x2, dequantize_int4(packed, scale, x.dtype))  # (M, O)
+        y = F.linear(x2, torch.ops.aetheris_gemv.int4_dequant(packed, scale, group, x.dtype))  # (M, O)
     y = y.reshape(*shape[:-1], packed.shape[0])  # (..., O)
     return y if bias is None else y + bias
 

@@ -104,3 +104,10 @@ def test_a_large_weight_is_quantized_in_row_blocks_to_the_same_result():
     w = torch.randn(ROWS + 37, GROUP)
     for got, want in zip(quantize_int4(w), _quantize_rows(w, GROUP)):
         assert torch.equal(got, want)
+
+
+def test_the_one_pass_dequantization_equals_the_reference(build):
+    packed, scale = quantize_int4(torch.randn(70, 3 * GROUP))
+    for dtype in (torch.float32, torch.bfloat16):
+        got = getattr(torch.ops, build).int4_dequant(packed, scale, GROUP, dtype)
+        assert got.dtype == dtype and torch.equal(got, dequantize_int4(packed, scale, dtype))
