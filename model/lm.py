@@ -95,7 +95,10 @@ class Block(nn.Module):
         `mixer_step` is `mixer_residual_step` or its compiled twin (HybridLM.compile_inference)."""
         if self.mixer is not None:
             h = (mixer_step or mixer_residual_step)(self, h, state)
-        return self._feed_forward(h)[0]
+        if self.ffn is None:
+            return h
+        x = self.ffn_norm(h.to(self.ffn_norm.weight.dtype))
+        return h + (self.ffn.step(x) if isinstance(self.ffn, MoE) else self.ffn(x)) * self.residual_multiplier
 
 
 def mixer_residual_step(block: Block, h: Tensor, state: dict[str, Tensor]) -> Tensor:

@@ -18,7 +18,14 @@ grouping without block-sparse kernels). No per-token weight gathers. With a capa
 only) an expert keeps its first C = ceil(cf * T * k / E) assignments and the rest are dropped: those
 tokens skip this expert and flow through the residual (Switch §2.2).
 
-`moe_reference` below is the slow, obvious per-token loop that tests hold the grouped dispatch equal to.
+The decode step (`step`, one token per sequence) can instead dispatch with static shapes (`static_dispatch`,
+set for CUDA by `use_static_dispatch`): no expert counts read back to the host, so the step runs without
+waiting on the GPU and can be captured as a CUDA graph. With T*k < E it gathers each assignment's expert
+weights and multiplies them batched (reading T*k experts); otherwise it runs every expert on every token and
+weights them by a dense (T, E) routing matrix, zero where unchosen (reading each expert once). The T of a
+step is fixed when it is traced or captured, so the choice is too.
+
+`moe_reference` below is the slow, obvious per-token loop that tests hold both dispatches equal to.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ class MoE(nn.Module):
         shared = SwiGLU if self.GATED else Relu2MLP
         self.shared_mlp = shared(d_model, shared_d_ff) if shared_d_ff else None
         self.linear = F.linear  # how an expert multiplies: F.linear, or packed_linear once pack_experts() ran
+        self.static_dispatch = False  # the decode step's dispatch: static shapes (see the module docstring)
         # Routing statistics since the last reset: assignments per expert and dropped assignments.
         # Training, /metrics and router plots read these; they are not saved with the weights.
         self.register_buffer("expert_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
@@ -139,6 +147,43 @@ class MoE(nn.Module):
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(x)
         return out.reshape(shape), r
+
+    def step(self, x: Tensor) -> Tensor:
+        """x (T, D), one token per sequence -> (T, D): the decode step's feed-forward."""
+        if not self.static_dispatch:
+            return self.forward(x)[0]
+        r = self.route(x)
+        flat = r.experts.reshape(-1)  # (T*k,)
+        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))  # stays on the device until /metrics
+        if x.shape[0] * self.top_k < self.n_experts:
+            ys = self._gathered(x, flat).view(*r.experts.shape, -1)  # (T, k, D)
+            out = (ys * r.weights.unsqueeze(-1).to(ys.dtype)).sum(1)  # (T, D)
+        else:
+            dense = torch.zeros(x.shape[0], self.n_experts, device=x.device).scatter_(1, r.experts, r.weights)
+            ys = self._every_expert(x)  # (E, T, D)
+            out = (ys * dense.t().unsqueeze(-1).to(ys.dtype)).sum(0)  # (T, D)
+        out = out.to(x.dtype)
+        return out + self.shared_mlp(x) if self.shared_mlp is not None else out
+
+    def _gathered(self, x: Tensor, flat: Tensor) -> Tensor:
+        """x (T, D), the chosen experts (T*k,) in token order -> each assignment's expert output (T*k, D)."""
+        xs = x.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # (A, D, 1)
+        up = torch.bmm(self.up_proj[flat], xs)  # (A, F, 1)
+        if self.gate_proj is None:
+            h = F.relu(up).square()
+        else:
+            h = F.silu(torch.bmm(self.gate_proj[flat], xs)) * up
+        return torch.bmm(self.down_proj[flat], h).squeeze(-1)  # (A, D)
+
+    def _every_expert(self, x: Tensor) -> Tensor:
+        """x (T, D) -> every expert's output on every token (E, T, D)."""
+        xs = x.expand(self.n_experts, *x.shape)  # (E, T, D)
+        up = torch.bmm(xs, self.up_proj.transpose(1, 2))  # (E, T, F)
+        if self.gate_proj is None:
+            h = F.relu(up).square()
+        else:
+            h = F.silu(torch.bmm(xs, self.gate_proj.transpose(1, 2))) * up
+        return torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, T, D)
 
     def _within_capacity(self, sorted_experts: Tensor, counts: Tensor, n_tokens: int) -> Tensor | None:
         """Mask over the expert-sorted assignments keeping each expert's first C (None when dropless)."""
@@ -194,9 +239,18 @@ class SigmoidMoE(MoE):
         return RouterOutput(logits, weights * self.scaling, experts)
 
 
+def use_static_dispatch(model: nn.Module) -> bool:
+    """Give every MoE layer's decode step the static dispatch; True where every layer took it. Layers whose
+    experts are packed or quantized (CPU forms) keep the grouped one."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for moe in layers:
+        moe.static_dispatch = moe.linear is F.linear and all(type(w) is nn.Parameter for w in moe.expert_params())
+    return all(m.static_dispatch for m in layers)
+
+
 def sigmoid_route_reference(moe: SigmoidMoE, x_t: Tensor) -> list[tuple[int, float]]:
     """One token's (expert, weight) pairs by the definition, in plain Python over the E scores."""
-    scores = [float(s) for s in moe.router_logits(x_t[None])[0].sigmoid()]
+    scores = moe.router_logits(x_t[None])[0].sigmoid().tolist()
     choice = [s + float(b) for s, b in zip(scores, moe.router_bias)]
     per_group = len(scores) // moe.n_groups
     groups = [choice[g * per_group : (g + 1) * per_group] for g in range(moe.n_groups)]

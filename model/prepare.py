@@ -1,6 +1,7 @@
 """A loaded model made fast to serve, in one place for the server and the benchmarks: int8 weights, or the
 projections through the few-row kernel (gemv.py) or oneDNN packing (packed.py); the weights moved into
-transparent huge pages (huge_pages.py); the decode step and prefill scan compiled.
+transparent huge pages (huge_pages.py); the decode step and prefill scan compiled. On a GPU the MoE layers'
+decode step dispatches with static shapes (moe.py), so that the step never waits on the device.
 
 Each step is an optimisation: where one cannot work here (no C++ compiler, a CPU without bf16 instructions,
 Linux without transparent huge pages) or fails, the paths before it serve and a note says why. `strict=True`
@@ -23,6 +24,7 @@ from torch import nn
 from . import gemv
 from .huge_pages import huge_page_bytes, use_huge_pages
 from .int4 import INT4
+from .moe import use_static_dispatch
 from .packed import NO_BF16_ENV, can_pack, pack_linears, packing_pays_here
 from .quantized import INT8, quantized_layers
 
@@ -122,6 +124,8 @@ def prepare_for_inference(model: nn.Module, speedups: Speedups = Speedups(), str
     huge pages (which move the final weights), then compiling (which traces the final modules)."""
     out = Prepared()
     _linears(model, speedups, strict, out)
+    if model.embeddings.weight.device.type == "cuda" and model.moe_layers() and use_static_dispatch(model):
+        out.notes.append("MoE decode: static dispatch, no host synchronisation")
     if speedups.huge_pages and (moved := use_huge_pages(model)):  # CPU weights only: 0 on a GPU
         out.huge_page_bytes = moved
         backed = huge_page_bytes(model.embeddings.weight)

@@ -5,7 +5,18 @@ import math
 import pytest
 import torch
 
-from model.moe import MoE, SigmoidMoE, load_balancing_loss, moe_reference, route, router_z_loss, sigmoid_route_reference
+from model.moe import (
+    MoE,
+    SigmoidMoE,
+    load_balancing_loss,
+    moe_reference,
+    route,
+    router_z_loss,
+    sigmoid_route_reference,
+    use_static_dispatch,
+)
+from model.packed import packed_linear
+from tests.helpers import tiny
 
 
 @pytest.mark.parametrize("top_k,renorm", [(1, False), (2, False), (2, True)])
@@ -101,3 +112,36 @@ def test_capacity_drops_overflow_in_training_only():
     moe.eval()
     moe(x)
     assert int(moe.expert_counts.sum()) == 40 and int(moe.dropped_count) == 0
+
+
+def _moes() -> dict[str, MoE]:
+    torch.manual_seed(0)
+    sigmoid = SigmoidMoE(16, 24, 6, 2, True, shared_d_ff=8, n_groups=3, topk_groups=2, scaling=2.5).eval()
+    sigmoid.router_bias.copy_(torch.randn(6) * 0.3)
+    return {"softmax": MoE(16, 24, n_experts=6, top_k=2, renormalize=True, shared_d_ff=12).eval(), "sigmoid": sigmoid}
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8])  # T*k < E gathers the chosen experts' weights; else every expert
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_dispatch_equals_the_grouped_one_and_the_definition(kind, tokens, dtype):
+    """The decode step's static-shape dispatch (both of its forms) against the grouped dispatch and the per-token
+    loop, with the same expert counts."""
+    moe = _moes()[kind].to(dtype)
+    x = torch.randn(tokens, 16).to(dtype)
+    grouped = moe.step(x)
+    grouped_counts = moe.expert_counts.clone()
+    moe.reset_stats()
+    moe.static_dispatch = True
+    got = moe.step(x)
+    assert got.dtype == dtype and torch.equal(moe.expert_counts, grouped_counts)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got, grouped, **tol)
+    torch.testing.assert_close(got.float(), moe_reference(moe, x).float(), **tol)
+
+
+def test_static_dispatch_is_given_only_to_plain_expert_weights():
+    model = tiny("jamba")
+    assert use_static_dispatch(model) and all(m.static_dispatch for m in model.moe_layers().values())
+    next(iter(model.moe_layers().values())).linear = packed_linear  # as pack_experts() leaves it
+    assert not use_static_dispatch(model)
