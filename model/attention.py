@@ -13,8 +13,12 @@ tokens held. Key/value head j serves query heads j*rep ... j*rep + rep - 1.
     forward(u, state)  a chunk of L tokens per sequence after the P cached ones (P = 0: training, a fresh
                        prompt): query i sees keys 0 .. P + i. Returns the new state with T = P + L, exact.
     step(u, state)     one token per sequence, rows of different lengths in one batch: each row writes its k, v
-                       at its own position `len` of the (capacity-sized) cache, in place, and attends to the
-                       positions below len + 1 under a key-padding mask.
+                       at its own position `len` of the cache, in place, and attends to the positions below
+                       len + 1 under a key-padding mask. The extent it attends over is the cache's (or the
+                       block table's) as given: the caller sizes it to the longest row, so the step never reads a
+                       length back to the host and its shapes are fixed for a CUDA graph. A row whose `len` is
+                       past that extent (a graph's padding rows, which the engine points at a scratch block)
+                       writes at the last position it has.
 `attention_reference` (an explicit masked softmax) is the slow, obvious twin of the SDPA call that both paths
 use; tests hold them equal.
 """
@@ -122,26 +126,23 @@ class Attention(nn.Module):
 
 
 def _contiguous_write(state: dict[str, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Write k, v (B, nKV, hd) at each row's position of its own (B, nKV, T, hd) cache; return the caches up to
-    the longest row's new length."""
-    pos = state["len"]
+    """Write k, v (B, nKV, hd) at each row's position of its own (B, nKV, T, hd) cache; return the caches."""
+    pos = state["len"].clamp(max=state["k"].shape[2] - 1)  # (B,)
     rows = torch.arange(k.shape[0], device=k.device)
     state["k"][rows, :, pos] = k.to(state["k"].dtype)  # (B, nKV, hd) at (row, :, pos[row])
     state["v"][rows, :, pos] = v.to(state["v"].dtype)
-    T = int(pos.max()) + 1 if k.shape[0] else 0
-    return state["k"][:, :, :T], state["v"][:, :, :T]
+    return state["k"], state["v"]
 
 
 def _paged_write(state: dict[str, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """The same on the paged pool: write into each row's block, then gather each row's blocks in order into
-    (B, nKV, nb * bs, hd); positions past a row's length hold other rows' data and are masked by the caller."""
-    pos, table = state["len"], state["block_table"]
+    """The same on the paged pool: write into each row's block, then gather each row's nb blocks of the table
+    in order into (B, nKV, nb * bs, hd); positions past a row's length hold other data and are masked."""
+    table = state["block_table"]  # (B, nb)
     bs = state["k"].shape[2]
+    pos = state["len"].clamp(max=table.shape[1] * bs - 1)  # (B,)
     rows = torch.arange(k.shape[0], device=k.device)
     block, offset = table[rows, pos // bs], pos % bs  # (B,), (B,)
     state["k"][block, :, offset] = k.to(state["k"].dtype)  # (B, nKV, hd) at (block, :, offset)
     state["v"][block, :, offset] = v.to(state["v"].dtype)
-    nb = int(pos.max()) // bs + 1 if k.shape[0] else 0
-    blocks = table[:, :nb]  # (B, nb)
-    gather = lambda pool: pool[blocks].transpose(1, 2).flatten(2, 3)  # noqa: E731 (B, nb, nKV, bs, hd) -> (B, nKV, nb*bs, hd)
+    gather = lambda pool: pool[table].transpose(1, 2).flatten(2, 3)  # noqa: E731 (B, nb, nKV, bs, hd) -> (B, nKV, nb*bs, hd)
     return gather(state["k"]), gather(state["v"])

@@ -91,9 +91,13 @@ class ModelState:
     def clone(self) -> ModelState:
         return self.map(lambda s, t: t.clone())
 
+    def narrowed(self, tokens: int) -> ModelState:
+        """A view whose growing tensors show only their first `tokens` positions."""
+        return self.map(lambda s, t: _narrow(s, t, tokens))
+
     def trimmed(self, tokens: int) -> ModelState:
         """A copy whose growing tensors hold exactly the first `tokens` positions (what a snapshot keeps)."""
-        return self.map(lambda s, t: _narrow(s, t, tokens).clone())
+        return self.narrowed(tokens).clone()
 
     def with_capacity(self, capacity: int) -> ModelState:
         """A copy whose growing tensors have room for `capacity` positions (the first ones kept)."""

@@ -12,6 +12,9 @@ Each growing tensor a mixer declares (StateSpec with a seq_axis, per-sequence sh
 (nB, ..., bs, ...): the declared shape with the seq axis cut to one block. The mixer reads it through the
 `block_table` entry added to its layer's state (model/attention.py); everything else goes through `write` and
 `read`, which convert between the paged layout and a one-row state of exact length.
+
+One block past the n_blocks usable ones is scratch: every table entry a sequence does not own points at it,
+so the rows of a padded decode step (a CUDA graph's, past the running ones) write there and nowhere else.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ class PagedKV:
         self.block_size, self.n_blocks = block_size, n_blocks
         # per layer: {name: (nB, ..., bs, ...)} for its growing tensors
         self.layers = [
-            {k: s.zeros(n_blocks, block_size, device, dtype) for k, s in spec.items() if s.seq_axis is not None}
+            {k: s.zeros(n_blocks + 1, block_size, device, dtype) for k, s in spec.items() if s.seq_axis is not None}
             for spec in self.specs
-        ]
-        self.table = torch.zeros(slots, math.ceil(max_tokens / block_size), dtype=torch.long, device=device)
+        ]  # fmt: skip
+        self.scratch = n_blocks
+        self.table = torch.full((slots, math.ceil(max_tokens / block_size)), n_blocks, dtype=torch.long, device=device)
         self.owned: list[list[int]] = [[] for _ in range(slots)]
         self.free: list[int] = list(range(n_blocks - 1, -1, -1))  # a stack: low ids first
 
@@ -61,10 +65,12 @@ class PagedKV:
     def release(self, slot: int) -> None:
         self.free.extend(reversed(self.owned[slot]))
         self.owned[slot] = []
+        self.table[slot] = self.scratch
 
     def move(self, dst: int, src: int) -> None:
         """The sequence in `src` now lives in row `dst`: only its table row moves, never its K/V."""
         self.table[dst] = self.table[src]
+        self.table[src] = self.scratch
         self.owned[dst], self.owned[src] = self.owned[src], []
 
     # ---------------------------------------------------------------- contents
@@ -93,6 +99,8 @@ class PagedKV:
             out.append(layer)
         return out
 
-    def view_layers(self, n: int) -> list[dict[str, Tensor]]:
-        """What the first n rows' decode step reads for each layer: the paged tensors and the block table."""
-        return [{**pages, "block_table": self.table[:n]} if pages else {} for pages in self.layers]
+    def view_layers(self, n: int, tokens: int) -> list[dict[str, Tensor]]:
+        """What the first n rows' decode step reads for each layer: the paged tensors and the table's blocks
+        for `tokens` positions (a view: the table's own memory)."""
+        table = self.table[:n, : self.blocks_for(tokens)]
+        return [{**pages, "block_table": table} if pages else {} for pages in self.layers]

@@ -29,8 +29,10 @@ class StatePool:
     def __init__(
         self, model: HybridLM, slots: int, device: torch.device, capacity: int = 0, kv_blocks: int = 0, block_size=16
     ) -> None:
-        grows = any(s.seq_axis is not None for spec in model.state_specs() for s in spec.values())
-        self.paged = PagedKV(model, kv_blocks, block_size, slots, capacity, device) if grows and kv_blocks else None
+        self.grows = any(s.seq_axis is not None for spec in model.state_specs() for s in spec.values())
+        self.paged = (
+            PagedKV(model, kv_blocks, block_size, slots, capacity, device) if self.grows and kv_blocks else None
+        )
         self.state = model.empty_state(slots, device, 0 if self.paged else capacity)
         self.size, self.capacity = slots, capacity
         self.rows: list = []  # the sequence in each occupied row, in row order
@@ -48,13 +50,17 @@ class StatePool:
     def free_blocks(self) -> int:
         return self.paged.free_blocks if self.paged else 0
 
-    def view(self) -> ModelState:
-        """The running rows [0, n), as a view: what decode reads and writes (in place, nothing else: paged
-        layers carry their block pool and table instead of per-row tensors)."""
-        n = len(self.rows)
+    def view(self, n: int | None = None, tokens: int | None = None) -> ModelState:
+        """Rows [0, n) (default: the running ones) as a view: what decode reads and writes, in place. Growing
+        state shows `tokens` positions (default: the longest row's after this step), so the step's shapes come
+        from here and not from lengths read back from the device; paged layers carry their block pool and
+        the first blocks of the table instead of per-row tensors."""
+        n = len(self.rows) if n is None else n
+        tokens = max(self.held, default=0) + 1 if tokens is None else tokens
+        if not self.paged:
+            return self.state.rows(slice(0, n)).narrowed(tokens)
         rows = self.state.rows(slice(0, n))
-        if self.paged:
-            rows.layers = [{**fixed, **paged} for fixed, paged in zip(rows.layers, self.paged.view_layers(n))]
+        rows.layers = [{**fixed, **paged} for fixed, paged in zip(rows.layers, self.paged.view_layers(n, tokens))]
         return rows
 
     def row(self, slot: int) -> ModelState:

@@ -183,12 +183,18 @@ def test_presets_build():
 def test_decode_in_place_equals_fresh_state(layout):
     model = tiny(layout)
     _, prefilled = model.prefill(torch.randint(0, 97, (3, 6)), model.empty_state(3))
-    state = prefilled.with_capacity(8)  # a pool's rows: room for more tokens than they hold
+    roomy = prefilled.with_capacity(8)  # a pool's rows: room for more tokens than they hold
+    state = roomy.narrowed(7)  # shown as the pool shows them to a step: as far as the step reaches
     tokens = torch.randint(0, 97, (3,))
     fresh_logits, fresh = model.decode(tokens, prefilled)
     logits, same = model.decode(tokens, state, out=state)
     assert same is state and torch.equal(logits, fresh_logits)
     assert_states_close(state, fresh, tol=0)
+    assert_states_close(roomy, fresh, tol=0)  # written through the view, into the rows themselves
+    wide = prefilled.with_capacity(9)  # the whole room shown: attention over 9 positions, 2 of them masked
+    wide_logits, _ = model.decode(tokens, wide, out=wide)
+    torch.testing.assert_close(wide_logits, fresh_logits, atol=1e-6, rtol=1e-6)
+    assert_states_close(wide, fresh, tol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -31,8 +31,9 @@ def test_only_attention_layers_are_paged_in_blocks_of_bs_tokens(model):
     kv = _paged(model)
     assert [sorted(layer) for layer in kv.layers] == [[], ["k", "v"], []]
     attn = model.layers[1].mixer
-    assert kv.layers[1]["k"].shape == (10, attn.n_kv_heads, BS, attn.head_dim)
+    assert kv.layers[1]["k"].shape == (11, attn.n_kv_heads, BS, attn.head_dim)  # 10 usable + the scratch block
     assert kv.table.shape == (4, 6) and kv.blocks_for(0) == 0 and kv.blocks_for(4) == 1 and kv.blocks_for(5) == 2
+    assert kv.scratch == 10 and bool((kv.table == 10).all()) and 10 not in kv.free
 
 
 def test_blocks_are_reserved_and_given_back_and_never_shared(model):
@@ -50,6 +51,7 @@ def test_blocks_are_reserved_and_given_back_and_never_shared(model):
     for slot in range(4):
         kv.release(slot)
     assert sorted(kv.free) == list(range(10)) and _owned(kv) == []
+    assert bool((kv.table == kv.scratch).all())  # a free row writes only to the scratch block
 
 
 def test_running_out_is_refused_and_changes_nothing(model):
@@ -77,6 +79,7 @@ def test_a_row_move_moves_the_table_row_not_the_kv(model):
     kv.release(0)
     kv.move(0, 1)  # what StatePool.remove does: the last row takes the freed one's place
     assert kv.owned[0] == blocks and kv.owned[1] == [] and kv.table[0, :3].tolist() == blocks
+    assert bool((kv.table[1] == kv.scratch).all())
     assert all(torch.equal(kv.layers[1][name], t) for name, t in before.items())  # not one K/V value moved
     kv.release(0)
     assert sorted(kv.free) == list(range(10))  # the moved row's blocks come back once, from its new row
@@ -106,6 +109,7 @@ def test_decode_view_lists_the_block_pool_and_the_running_rows_table(model):
     kv = _paged(model)
     kv.allocate(0, 4)
     kv.allocate(1, 8)
-    view = kv.view_layers(2)
+    view = kv.view_layers(2, 5)
     assert view[0] == {} and view[2] == {} and view[1]["k"] is kv.layers[1]["k"]
-    assert torch.equal(view[1]["block_table"], kv.table[:2])
+    table = view[1]["block_table"]  # the blocks for 5 positions: a view of the table's own memory
+    assert torch.equal(table, kv.table[:2, :2]) and table.data_ptr() == kv.table.data_ptr()
