@@ -7,6 +7,9 @@ penalties (OpenAI's definition: logit -= presence * [count > 0] + frequency * co
 generated tokens), additive logit bias, and optionally its own torch.Generator so that a seeded request
 draws the same numbers whatever else shares the batch. Random numbers are drawn one per row from that row's
 generator; the draw itself (inverse CDF on the sorted, truncated distribution) is vectorised.
+
+The per-row parameters (temperature, top_k, top_p, penalties) are small host tensors, uploaded with the logits'
+step (`upload`): deciding "is every row greedy?" then reads nothing back from the device.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class SamplingBatch:
     token_counts: Tensor | None = None  # (B, V) generated-token counts, needed with penalties
     logit_bias: Tensor | None = None  # (B, V) additive
     generators: list[torch.Generator | None] | None = None  # one per row, None = global RNG
+    all_greedy: bool | None = None  # every temperature is 0, as known on the host; None: read from temperature
 
     @classmethod
     def uniform(cls, batch: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> SamplingBatch:
@@ -34,7 +38,16 @@ class SamplingBatch:
             torch.full((batch,), float(temperature)),
             torch.full((batch,), top_k, dtype=torch.long),
             torch.full((batch,), float(top_p)),
+            all_greedy=temperature <= 0,
         )
+
+
+def upload(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for the device: to a GPU through pinned memory, queued behind
+    the work already there (a copy from pageable memory makes the host wait for the device)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_penalties(logits: Tensor, s: SamplingBatch) -> Tensor:
@@ -44,42 +57,42 @@ def apply_penalties(logits: Tensor, s: SamplingBatch) -> Tensor:
     if s.token_counts is not None and (s.presence_penalty is not None or s.frequency_penalty is not None):
         counts = s.token_counts.to(logits.dtype)  # (B, V)
         if s.frequency_penalty is not None:
-            logits = logits - s.frequency_penalty.unsqueeze(1) * counts
+            logits = logits - upload(s.frequency_penalty, logits.device).unsqueeze(1) * counts
         if s.presence_penalty is not None:
-            logits = logits - s.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+            logits = logits - upload(s.presence_penalty, logits.device).unsqueeze(1) * (counts > 0).to(logits.dtype)
     return logits
 
 
 def _uniforms(s: SamplingBatch, batch: int, device: torch.device) -> Tensor:
     gens = s.generators or [None] * batch
     draws = [torch.rand(1, generator=g) if g is not None else torch.rand(1) for g in gens]
-    return torch.cat(draws).to(device)  # (B,)
+    return upload(torch.cat(draws), device)  # (B,)
 
 
 def sample(logits: Tensor, s: SamplingBatch) -> Tensor:
     """logits (B, V) fp32 (already penalised) -> token ids (B,)."""
-    greedy = s.temperature <= 0  # (B,)
+    greedy = s.temperature <= 0  # (B,) on the host
     greedy_ids = logits.argmax(dim=-1)  # (B,)
-    if bool(greedy.all()):
+    if s.all_greedy if s.all_greedy is not None else bool(greedy.all()):
         return greedy_ids
-    temp = torch.where(greedy, torch.ones_like(s.temperature), s.temperature).to(logits.device)
+    temp = upload(torch.where(greedy, torch.ones_like(s.temperature), s.temperature), logits.device)
     scaled = logits / temp.unsqueeze(1)  # (B, V)
     # A temperature so small that logits / temperature overflows is greedy: its limit as temperature -> 0,
     # where the overflow would make the softmax NaN and the draw arbitrary.
     overflow = ~torch.isfinite(scaled.amax(dim=-1)) & torch.isfinite(logits.amax(dim=-1))  # (B,)
-    greedy = greedy.to(logits.device) | overflow
+    greedy = upload(greedy, logits.device) | overflow
     scaled = torch.where(overflow.unsqueeze(1), logits, scaled)
     probs = torch.softmax(scaled, dim=-1)  # (B, V)
     sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
     ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)  # (1, V)
-    k = s.top_k.to(probs.device).unsqueeze(1)  # (B, 1)
+    k = upload(s.top_k, probs.device).unsqueeze(1)  # (B, 1)
     keep = (k <= 0) | (ranks < k)
     # top-p over the top-k survivors, renormalised (as HF and vLLM): keep the smallest prefix whose mass
     # reaches p; the most likely token always stays, whatever p.
     kept = sorted_p * keep
     kept = kept / kept.sum(dim=-1, keepdim=True)
     mass_before = kept.cumsum(dim=-1) - kept
-    keep &= (mass_before < s.top_p.to(probs.device).unsqueeze(1)) | (ranks == 0)
+    keep &= (mass_before < upload(s.top_p, probs.device).unsqueeze(1)) | (ranks == 0)
     sorted_p = sorted_p * keep
     cdf = sorted_p.cumsum(dim=-1)  # (B, V)
     u = _uniforms(s, logits.shape[0], probs.device) * cdf[:, -1]  # (B,)

@@ -7,6 +7,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+EXPERTS_READ_S = 1.0  # the longest the expert-routing counters lag while sequences decode
 
 
 class Metrics:
@@ -55,6 +56,7 @@ class Metrics:
         self.kv_blocks_total = Gauge(p + "kv_blocks_total", "Paged K/V blocks preallocated", registry=r)
         self.kv_blocks_used = Gauge(p + "kv_blocks_used", "Paged K/V blocks held by running sequences", registry=r)
         self._last_decode_end: float | None = None
+        self._experts_read = time.monotonic()
 
     def observe_layout(self, ssm_bytes: int, kv_bytes: int, max_model_len: int, kv_blocks: int) -> None:
         self.slot_bytes.labels("ssm").set(ssm_bytes)
@@ -75,7 +77,7 @@ class Metrics:
         self._last_decode_end = now
 
     def observe_core(self, core) -> None:
-        """Gauges after each scheduler iteration, and the MoE routing counts since the last one."""
+        """Gauges after each scheduler iteration, and the MoE routing counts since they were last read."""
         sched = core.scheduler
         self.running.set(len({s.request_id for s in core.running} | {r.request_id for r in sched.prefilling}))
         self.waiting.set(len(sched.waiting))
@@ -89,7 +91,14 @@ class Metrics:
         self._evictions_seen = core.cache.evictions
         if not core.running:
             self._last_decode_end = None
-        for layer, moe in core.model.moe_layers().items():
+        # Reading the routing counts waits for the device: once a second while sequences decode, and when they stop.
+        now = time.monotonic()
+        if not core.running or now - self._experts_read >= EXPERTS_READ_S:
+            self._experts_read = now
+            self._read_expert_counts(core.model)
+
+    def _read_expert_counts(self, model) -> None:
+        for layer, moe in model.moe_layers().items():
             counts = moe.expert_counts.tolist()
             for e, c in enumerate(counts):
                 if c:

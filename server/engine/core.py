@@ -213,11 +213,6 @@ class EngineCore:
 
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> tuple[list[Sequence], Tensor, Sampled]:
         """The rows that could be sampled, their logits and their tokens; the others' requests are failed."""
-        bad = torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist()
-        self._fail_rows(seqs, bad, "the model produced NaN logits")
-        seqs, logits = self._keep(seqs, logits, bad)
-        if not seqs:
-            return seqs, logits, Sampled([], [])
         try:
             sampled = self.sample_next(seqs, logits)
         except Exception as e:  # find the rows at fault by sampling them one at a time
@@ -228,20 +223,23 @@ class EngineCore:
             self._fail_rows(seqs, bad, "the sampler failed")
             seqs, logits = self._keep(seqs, logits, bad)
         toks = sampled.tokens
-        outside = [i for i, t in enumerate(toks) if not 0 <= t < self.vocab]
+        nan = [i for i, x in enumerate(sampled.nan or []) if x]
+        self._fail_rows(seqs, nan, "the model produced NaN logits")
+        outside = [i for i, t in enumerate(toks) if i not in nan and not 0 <= t < self.vocab]
         self._fail_rows(seqs, outside, "the sampler returned a token id outside the vocabulary")
         # The grammar's mask and its parser can disagree (llguidance on added tokens): a rejected token fails
         # its request rather than ending the choice as if the grammar were complete.
-        rejected = [i for i, (s, t) in enumerate(zip(seqs, toks)) if i not in outside and not _accepts(s, t)]
+        done = set(nan + outside)
+        rejected = [i for i, (s, t) in enumerate(zip(seqs, toks)) if i not in done and not _accepts(s, t)]
         self._fail_rows(seqs, rejected, "the output grammar rejected the sampled token")
-        bad = outside + rejected
+        bad = nan + outside + rejected
         keep = [i for i in range(len(seqs)) if i not in bad]
         sampled = Sampled([toks[i] for i in keep], [sampled.logprobs[i] for i in keep])
         seqs, logits = self._keep(seqs, logits, bad)
         return seqs, logits, sampled
 
     def _sample_rows(self, seqs: list[Sequence], logits: Tensor) -> tuple[Sampled, list[int]]:
-        tokens, lps, bad = [], [], []
+        tokens, lps, nan, bad = [], [], [], []
         for i, s in enumerate(seqs):
             try:
                 one = self.sample_next([s], logits[i : i + 1])
@@ -252,7 +250,8 @@ class EngineCore:
                 continue
             tokens += one.tokens
             lps += one.logprobs
-        return Sampled(tokens, lps), bad
+            nan += one.nan or [False]
+        return Sampled(tokens, lps, nan), bad
 
     @staticmethod
     def _keep(seqs: list[Sequence], logits: Tensor, bad: list[int]) -> tuple[list[Sequence], Tensor]:

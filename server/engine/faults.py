@@ -94,7 +94,7 @@ def install(core) -> None:
             raise RuntimeError("injected: the sampler fails")
         sampled = sample_next(seqs, logits)
         tokens = [core.vocab + 1 if hit("token", [s.params.seed]) else t for s, t in zip(seqs, sampled.tokens)]
-        return Sampled(tokens, sampled.logprobs)
+        return Sampled(tokens, sampled.logprobs, sampled.nan)
 
     core.step = faulty_step
     runner.prefill, runner.decode, runner.start_decoding = faulty_prefill, faulty_decode, faulty_start_decoding

@@ -22,6 +22,7 @@ from .sequence import Sequence
 class Sampled:
     tokens: list[int]  # one per row
     logprobs: list[TokenLogprob | None]  # one per row; None where the request asked for none
+    nan: list[bool] | None = None  # one per row: its logits held a NaN (its token means nothing)
 
 
 def token_logprobs(logits: Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
@@ -35,23 +36,25 @@ def token_logprobs(logits: Tensor, targets: list[int], k: int) -> list[TokenLogp
 
 
 def sampling_batch(seqs: list[Sequence], logits: Tensor) -> SamplingBatch:
-    """Each sequence's parameters as one row of a SamplingBatch; logits (B, V) give device and vocab. A row's
-    logit bias and token counts are tensors its sequence keeps, so a step costs one scatter and one stack
-    whatever the request's bias size or output length."""
+    """Each sequence's parameters as one row of a SamplingBatch; logits (B, V) give device and vocab. The
+    per-row scalars stay on the host (model/sampling.py uploads them); a row's logit bias and token counts are
+    device tensors its sequence keeps, so a step costs one scatter and one stack whatever the request's bias
+    size or output length."""
     dev, vocab = logits.device, logits.shape[-1]
     ps = [s.params for s in seqs]
     batch = SamplingBatch(
-        temperature=torch.tensor([p.temperature for p in ps], device=dev),
-        top_k=torch.tensor([min(p.top_k, vocab) for p in ps], device=dev),
-        top_p=torch.tensor([p.top_p for p in ps], device=dev),
+        temperature=torch.tensor([p.temperature for p in ps]),
+        top_k=torch.tensor([min(p.top_k, vocab) for p in ps]),
+        top_p=torch.tensor([p.top_p for p in ps]),
         generators=[s.generator for s in seqs],
+        all_greedy=all(p.temperature <= 0 for p in ps),
     )
     if any(p.logit_bias for p in ps):
         batch.logit_bias = _bias_rows(seqs, logits)
     if any(p.needs_penalties for p in ps):
         batch.token_counts = torch.stack([_counts(s, vocab, dev) for s in seqs])  # (B, V)
-        batch.presence_penalty = torch.tensor([p.presence_penalty for p in ps], device=dev)
-        batch.frequency_penalty = torch.tensor([p.frequency_penalty for p in ps], device=dev)
+        batch.presence_penalty = torch.tensor([p.presence_penalty for p in ps])
+        batch.frequency_penalty = torch.tensor([p.frequency_penalty for p in ps])
     return batch
 
 
@@ -64,7 +67,7 @@ def _bias_rows(seqs: list[Sequence], logits: Tensor) -> Tensor:
             kept = {t: b for t, b in s.params.logit_bias.items() if t < vocab}
             s.bias = (
                 torch.tensor(list(kept), device=logits.device, dtype=torch.long),
-                torch.tensor(list(kept.values())),
+                torch.tensor(list(kept.values()), device=logits.device),
             )
         if s.bias is not None:
             rows.append(torch.full_like(s.bias[0], i))
@@ -87,10 +90,12 @@ def _counts(s: Sequence, vocab: int, device) -> Tensor:
 
 
 def sample_next(seqs: list[Sequence], logits: Tensor) -> Sampled:
-    """One token per sequence (seqs[i] <-> logits[i], (B, V) fp32), and its logprobs where asked."""
+    """One token per sequence (seqs[i] <-> logits[i], (B, V) fp32), and its logprobs where asked. The tokens and
+    which rows' logits held a NaN come back to the host in one read, the step's only one without logprobs."""
     batch = sampling_batch(seqs, logits)
     shaped = constrain(apply_penalties(logits, batch), [s.grammar for s in seqs])  # grammar rows only
-    tokens = sample(shaped, batch).tolist()
+    drawn = sample(shaped, batch)  # (B,)
+    tokens, nan = torch.stack([drawn, torch.isnan(logits).any(dim=-1).to(drawn.dtype)]).tolist()  # (2, B)
     out: list[TokenLogprob | None] = [None] * len(seqs)
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if rows:
@@ -98,4 +103,4 @@ def sample_next(seqs: list[Sequence], logits: Tensor) -> Sampled:
         for i, lp in zip(rows, token_logprobs(logits[rows], [tokens[i] for i in rows], k)):
             lp.top = lp.top[: seqs[i].params.logprobs]
             out[i] = lp
-    return Sampled(tokens, out)
+    return Sampled(tokens, out, [bool(x) for x in nan])
