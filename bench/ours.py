@@ -24,7 +24,7 @@ def decode_tokens_per_s(
 ) -> float:
     """B greedy sequences of `new_tokens` after a short prompt (each under `grammar` when given, a compiled
     server.engine.grammar spec); only iterations where all B decode count. On a GPU the engine replays CUDA graphs
-    where the model allows, as the server does, unless `cuda_graphs` is False."""
+    as the server does, unless `cuda_graphs` is False; asked for and not serving, they raise."""
     # K/V (attention layers) paged as the server keeps it, with blocks for every sequence's whole length
     blocks = batch * -(-(prompt_len + new_tokens) // 16)
     cfg = CoreConfig(
@@ -51,6 +51,8 @@ def decode_tokens_per_s(
     while core.has_work():
         core.step()
     assert len(done) == batch
+    if cuda_graphs and model.embeddings.weight.device.type == "cuda" and core.runner.graphs is None:
+        raise RuntimeError("CUDA graphs were asked for but did not serve (the server log says why)")
     return tokens / seconds
 
 

@@ -6,6 +6,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from model import HybridLM, LayerSpec, ModelConfig, ModelState
 from model.checkpoint import save_checkpoint
@@ -338,3 +340,33 @@ def save_chat_checkpoint(name: str, directory: Path):
     )
     tok.save(directory)
     return hf
+
+
+class HostReads(TorchFunctionMode):
+    """Records each call that makes the host wait for the device, whatever the device (so a CPU test sees what a
+    GPU would wait for): reading values (.item(), .tolist(), bool(), int(), float(), .numpy()), and ops whose
+    output size depends on values (nonzero, unique, masked_select, bincount, indexing by a boolean mask,
+    repeat_interleave by a tensor)."""
+
+    READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__, Tensor.__index__}
+    READS |= {Tensor.numpy, Tensor.nonzero, torch.nonzero, Tensor.unique, torch.unique, torch.argwhere}
+    READS |= {Tensor.masked_select, torch.masked_select, Tensor.bincount, torch.bincount}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.READS or _sized_by_values(func, args, kwargs):
+            self.reads.append(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+def _sized_by_values(func, args, kwargs) -> bool:
+    if func in (Tensor.__getitem__, Tensor.__setitem__, Tensor.index_put_, Tensor.index_put):
+        index = args[1] if isinstance(args[1], tuple | list) else (args[1],)
+        return any(isinstance(i, Tensor) and i.dtype == torch.bool for i in index)
+    if func in (Tensor.repeat_interleave, torch.repeat_interleave):
+        return isinstance(kwargs.get("repeats", args[1] if len(args) > 1 else None), Tensor)
+    return func is torch.where and len(args) + len(kwargs) == 1

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from model import HybridLM
+from model.sampling import upload
 
 from .cuda_graphs import capture
 from .prefix_cache import PrefixCache, Snapshot
@@ -131,9 +132,11 @@ class ModelRunner:
 
     def _step(self, ids: list[int]) -> Tensor:
         if self.graphs is not None:
-            return self.graphs.decode(ids)
+            if (logits := self.graphs.decode(ids)) is not None:
+                return logits
+            self.graphs = None  # a graph it needed could not be captured (logged): decode without from now on
         rows = self.pool.view()  # CPU, or a model a graph cannot serve
-        tokens = torch.tensor(ids, device=self.device)  # (B,)
+        tokens = upload(torch.tensor(ids), self.device)  # (B,)
         logits, _ = self.model.decode(tokens, rows, out=rows)  # the pool rows now hold the new state
         return logits
 
