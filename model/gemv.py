@@ -35,7 +35,8 @@ from .packed import called_linears
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.cpp", "moe_decode.cpp")]
+HEADER = Path(__file__).with_name("gemv_kernels.h")
 NAMESPACE = "aetheris_gemv"
 NATIVE = ("-march=native",)
 _lock = threading.Lock()
@@ -64,9 +65,9 @@ def cache_folder() -> Path:
 
 
 def build(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> Path:
-    """Compile gemv.cpp for this CPU (`isa_flags`) into a shared library whose ops live in `namespace`; a
-    build with the same source, flags, compiler and torch is reused. Raises if there is no compiler or the
-    build fails."""
+    """Compile gemv.cpp and moe_decode.cpp for this CPU (`isa_flags`) into a shared library whose ops live in
+    `namespace`; a build with the same sources, flags, compiler and torch is reused. Raises if there is no
+    compiler or the build fails."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler ($CXX, g++ or c++) on PATH")
@@ -77,15 +78,17 @@ def build(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> Pa
     flags += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = [*(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    identity = [SOURCE.read_text(), *flags, version, torch.__version__, cpu_signature()]
+    identity = [*(p.read_text() for p in (*SOURCES, HEADER)), *flags, version, torch.__version__, cpu_signature()]
     key = hashlib.sha256("\0".join(identity).encode()).hexdigest()
     target = cache_folder() / f"{namespace}-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(partial), *libs], capture_output=True, text=True)
+        done = subprocess.run(
+            [cxx, *flags, *map(str, SOURCES), "-o", str(partial), *libs], capture_output=True, text=True
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed: {done.stderr.strip()[-500:]}")
+            raise RuntimeError(f"building the few-row kernels failed: {done.stderr.strip()[-500:]}")
         partial.replace(target)  # atomic: a concurrent process sees the whole library or none
     return target
 
@@ -100,6 +103,7 @@ def load(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> boo
                 torch.library.register_fake(f"{namespace}::linear")(_linear_shape)
                 torch.library.register_fake(f"{namespace}::int4_mm")(_int4_shape)
                 torch.library.register_fake(f"{namespace}::int4_dequant")(_int4_dequant_shape)
+                torch.library.register_fake(f"{namespace}::moe_decode")(_moe_decode_shape)
                 _loaded[namespace] = True
             except (RuntimeError, OSError) as e:
                 log.warning("few-row kernel unavailable (%s); projections use the library kernels", str(e)[:300])
@@ -117,6 +121,10 @@ def _int4_shape(x: Tensor, packed: Tensor, scales: Tensor, group: int) -> Tensor
 
 def _int4_dequant_shape(packed: Tensor, scales: Tensor, group: int, dtype: torch.dtype) -> Tensor:
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)  # (O, I)
+
+
+def _moe_decode_shape(x: Tensor, *args) -> Tensor:
+    return torch.empty_like(x)  # (T, D)
 
 
 def bf16_kernel(namespace: str = NAMESPACE) -> str:
@@ -172,5 +180,5 @@ def use_gemv(model: nn.Module) -> int:
         setattr(parent, name, GemvLinear(child))
     for moe in model.modules():
         if isinstance(moe, MoE):
-            moe.linear = expert_linear
+            moe.linear, moe.kernel_step = expert_linear, all(w.is_contiguous() for w in moe.expert_params())
     return len(targets)

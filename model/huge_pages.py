@@ -37,10 +37,15 @@ def available() -> bool:
 
 
 def _movable(model: nn.Module) -> list[list[Tensor]]:
-    """The model's contiguous CPU weights and buffers grouped by storage; a group is one tensor and its aliases of
-    the same layout. Storages that hold tensors of several layouts (views) are left out."""
+    """The model's contiguous CPU weights and saved buffers grouped by storage; a group is one tensor and its
+    aliases of the same layout. Storages that hold tensors of several layouts (views) are left out, and so are
+    the buffers not saved with the weights (the MoE's routing counts): the decode step writes those, and a
+    compiled graph cannot write into a view of a storage that holds other dtypes."""
     groups: dict[int, list[Tensor]] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    saved = [
+        b for m in model.modules() for n, b in m.named_buffers(recurse=False) if n not in m._non_persistent_buffers_set
+    ]
+    for t in [*model.parameters(), *saved]:
         if t.device.type == "cpu" and t.layout == torch.strided and t.numel():
             groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
 

@@ -114,12 +114,20 @@ def mixer_residual_step(block: Block, h: Tensor, state: dict[str, Tensor]) -> Te
 
 
 def blocks_step(blocks: tuple[Block, ...], h: Tensor, states: tuple[dict[str, Tensor], ...]) -> Tensor:
-    """`mixer_residual_step` through consecutive layers that have no feed-forward part: compiled, a run of them
-    is one graph: one guard check and one call a step instead of one per layer, which shortens a batch-1 step.
+    """`Block.step` through consecutive layers: compiled, a run of them is one graph: one guard check and one call
+    a step instead of several per layer, and the norms, gates and residual adds between the projections fuse.
     Layers' states are separate tensors, so no two inputs alias."""
     for block, state in zip(blocks, states):
-        h = mixer_residual_step(block, h, state)
+        h = block.step(h, state)
     return h
+
+
+def compiles_whole(block: Block) -> bool:
+    """Whether a layer's decode step can join a compiled run: a mixer whose step compiles (or none) and a
+    feed-forward without data-dependent shapes (or none)."""
+    mixer_ok = block.mixer is None or getattr(block.mixer, "COMPILE_STEP", False)
+    ffn_ok = not isinstance(block.ffn, MoE) or block.ffn.static_step()
+    return mixer_ok and ffn_ok and (block.mixer is not None or block.ffn is not None)
 
 
 def own_code(fn: types.FunctionType) -> types.FunctionType:
@@ -139,9 +147,8 @@ class HybridLM(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self._mixer_step = None  # the compiled decode step, once compile_inference() ran
-        self._blocks_step = None  # its twin over runs of layers without feed-forward (blocks_step)
-        self._runs = self._decode_runs()
+        self._mixer_step = None  # the compiled mixer step, once compile_inference() ran
+        self._runs = self._decode_runs(None)  # [(start, end, compiled blocks_step or None)]
         self._init_weights()
         self.tie_weights()
 
@@ -253,34 +260,41 @@ class HybridLM(nn.Module):
         elif out is not state:
             out.copy_rows_(slice(None), state)
         h = self._embed(tokens)  # (B, D)
-        for start, end in self._runs:
-            blocks = self.layers[start:end]
-            if end - start > 1:  # a run of layers that is one compiled graph
-                h = self._blocks_step(tuple(blocks), h, tuple(out.layers[start:end]))
+        for start, end, run_step in self._runs:
+            if run_step is not None:  # a run of layers that is one compiled graph
+                h = run_step(tuple(self.layers[start:end]), h, tuple(out.layers[start:end]))
                 continue
-            compiled = self._mixer_step if getattr(blocks[0].mixer, "COMPILE_STEP", False) else None
-            h = blocks[0].step(h, out.layers[start], compiled)
+            block = self.layers[start]
+            h = block.step(
+                h, out.layers[start], self._mixer_step if getattr(block.mixer, "COMPILE_STEP", False) else None
+            )
         return self._logits(h), out
 
-    def _decode_runs(self) -> list[tuple[int, int]]:
-        """[start, end) layer ranges the decode step goes through: once compile_inference() ran, maximal runs of
-        layers with a compiled mixer and no feed-forward; every other layer alone."""
+    def _decode_runs(self, compiled) -> list[tuple[int, int, object]]:
+        """[start, end) layer ranges the decode step goes through, each with its compiled step or None: with
+        `compiled` (a function that compiles a fresh copy of blocks_step), maximal runs of layers that
+        `compiles_whole`, each its own compiled function (dynamo compiles at most 8 graphs per function, and a
+        model has a run between every two attention layers); every other layer alone, uncompiled."""
         runs: list[list] = []
         for i, block in enumerate(self.layers):
-            fused = self._blocks_step is not None and block.ffn is None and getattr(block.mixer, "COMPILE_STEP", False)
-            if fused and runs and runs[-1][2]:
+            whole = compiled is not None and compiles_whole(block)
+            if whole and runs and runs[-1][2]:
                 runs[-1][1] = i + 1
             else:
-                runs.append([i, i + 1, fused])
-        return [(start, end) for start, end, _ in runs]
+                runs.append([i, i + 1, whole])
+        return [(start, end, compiled() if whole else None) for start, end, whole in runs]
 
     def compile_inference(self) -> None:
         """torch.compile the two inference hot loops, and compile them now so the first requests do not wait:
-        the decode step's `mixer_residual_step` (one graph for every layer; the FFNs, whose MoE dispatch has
-        data-dependent shapes, stay eager) and prefill's scan chunk (scan.py); decode at batch 1 (specialised)
-        and batch 2 (which makes the batch dimension dynamic). Raises if compilation fails (e.g. no C++
-        compiler), leaving the eager paths in place."""
-        self._use_compiled(*(torch.compile(own_code(fn)) for fn in (mixer_residual_step, scan_chunk, blocks_step)))
+        the decode step (runs of whole layers through `blocks_step`; `mixer_residual_step` for the mixer of any
+        other layer, such as one whose MoE dispatch has data-dependent shapes) and prefill's scan chunk
+        (scan.py); decode at batch 1 (specialised) and batch 2 (which makes the batch dimension dynamic). Raises
+        if compilation fails (e.g. no C++ compiler), leaving the eager paths in place."""
+        self._use_compiled(
+            torch.compile(own_code(mixer_residual_step)),
+            torch.compile(own_code(scan_chunk)),
+            lambda: torch.compile(own_code(blocks_step)),
+        )
         device = self.embeddings.weight.device
         try:  # warm up as the engine calls: decode in place into the pool, prefill chunk after chunk
             for batch in (1, 2):
@@ -293,9 +307,10 @@ class HybridLM(nn.Module):
             raise
 
     def _use_compiled(self, mixer_step, scan_chunk, blocks_step) -> None:
-        """Decode through `mixer_step` and `blocks_step` and prefill through `scan_chunk` (None: eager)."""
-        self._mixer_step, self._blocks_step = mixer_step, blocks_step
-        self._runs = self._decode_runs()
+        """Decode through `mixer_step` and the runs `blocks_step()` makes, and prefill through `scan_chunk`
+        (None: eager)."""
+        self._mixer_step = mixer_step
+        self._runs = self._decode_runs(blocks_step)
         for block in self.layers:
             if hasattr(block.mixer, "scan_chunk"):
                 block.mixer.scan_chunk = scan_chunk

@@ -18,9 +18,14 @@ grouping without block-sparse kernels). No per-token weight gathers. With a capa
 only) an expert keeps its first C = ceil(cf * T * k / E) assignments and the rest are dropped: those
 tokens skip this expert and flow through the residual (Switch §2.2).
 
-The decode step (`step`, one token per sequence) can instead dispatch with static shapes (`static_dispatch`,
-set for CUDA by `use_static_dispatch`): no expert counts read back to the host, so the step runs without
-waiting on the GPU and can be captured as a CUDA graph. With T*k < E it gathers each assignment's expert
+The decode step (`step`, one token per sequence) has two other dispatches, neither of which reads expert
+counts back into Python, so both join the compiled decode graph:
+- on CPU (`kernel_step`, set with the few-row kernel by gemv.use_gemv): one call of moe_decode.cpp runs the
+  chosen experts of every token and the shared expert, each expert's weights streamed once for all its tokens;
+  the grouped dispatch would make three kernel calls per chosen expert plus the sorting and splitting around
+  them, which at batch 1 costs more than the experts' weights take to stream.
+- on CUDA (`static_dispatch`, set by `use_static_dispatch`), with static shapes: the step runs without waiting
+  on the GPU and can be captured as a CUDA graph. With T*k < E it gathers each assignment's expert
 weights and multiplies them batched (reading T*k experts); otherwise it runs every expert on every token and
 weights them by a dense (T, E) routing matrix, zero where unchosen (reading each expert once). The T of a
 step is fixed when it is traced or captured, so the choice is too.
@@ -97,7 +102,8 @@ class MoE(nn.Module):
         shared = SwiGLU if self.GATED else Relu2MLP
         self.shared_mlp = shared(d_model, shared_d_ff) if shared_d_ff else None
         self.linear = F.linear  # how an expert multiplies: F.linear, or packed_linear once pack_experts() ran
-        self.static_dispatch = False  # the decode step's dispatch: static shapes (see the module docstring)
+        self.kernel_step = False  # the decode step through moe_decode.cpp (see the module docstring)
+        self.static_dispatch = False  # the decode step's dispatch with static shapes (CUDA)
         # Routing statistics since the last reset: assignments per expert and dropped assignments.
         # Training, /metrics and router plots read these; they are not saved with the weights.
         self.register_buffer("expert_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
@@ -150,6 +156,8 @@ class MoE(nn.Module):
 
     def step(self, x: Tensor) -> Tensor:
         """x (T, D), one token per sequence -> (T, D): the decode step's feed-forward."""
+        if self.kernel_step:
+            return self._kernel_step(x)
         if not self.static_dispatch:
             return self.forward(x)[0]
         r = self.route(x)
@@ -164,6 +172,21 @@ class MoE(nn.Module):
             out = (ys * dense.t().unsqueeze(-1).to(ys.dtype)).sum(0)  # (T, D)
         out = out.to(x.dtype)
         return out + self.shared_mlp(x) if self.shared_mlp is not None else out
+
+    def static_step(self) -> bool:
+        """Whether the decode step has no data-dependent shapes (so it joins the compiled decode graph)."""
+        return self.kernel_step or self.static_dispatch
+
+    def _kernel_step(self, x: Tensor) -> Tensor:
+        r = self.route(x)
+        flat = r.experts.reshape(-1)  # (T*k,)
+        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
+        s = self.shared_mlp
+        shared = [getattr(s, n, None) if s is not None else None for n in ("gate_proj", "up_proj", "down_proj")]
+        return torch.ops.aetheris_gemv.moe_decode(
+            x, r.experts, r.weights, self.gate_proj, self.up_proj, self.down_proj,
+            *(None if lin is None else lin.weight for lin in shared),
+        )  # fmt: skip  # (T, D)
 
     def _gathered(self, x: Tensor, flat: Tensor) -> Tensor:
         """x (T, D), the chosen experts (T*k,) in token order -> each assignment's expert output (T*k, D)."""

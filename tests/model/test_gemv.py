@@ -1,5 +1,6 @@
-"""The few-row kernel (model/gemv.cpp) against F.linear, its reference: each instruction-set build this CPU can
-run, alone, inside torch.compile and in the model."""
+"""The few-row kernels against their references: model/gemv.cpp against F.linear and model/moe_decode.cpp against
+the MoE's per-token loop; each instruction-set build this CPU can run, alone, inside torch.compile and in the
+model."""
 
 import logging
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from model import gemv
 from model.checkpoint import save_checkpoint
+from model.moe import MoE, SigmoidMoE, moe_reference
 from tests.helpers import LAYOUTS, assert_states_close, tiny
 
 
@@ -58,6 +60,41 @@ def test_kernel_equals_linear(build, dtype, bias, out_in):
         torch.testing.assert_close(got, reference(x, w, b), **TOL[dtype])
 
 
+def _moe(kind: str, d: int, f: int, shared: int) -> MoE:
+    if kind == "sigmoid":  # relu² experts, a relu² shared expert
+        moe = SigmoidMoE(d, f, 8, 3, shared_d_ff=shared, n_groups=2, topk_groups=2, scaling=1.5)
+        moe.router_bias.copy_(torch.randn(8) * 0.3)
+        return moe.eval()
+    return MoE(d, f, 8, 3, renormalize=True, shared_d_ff=shared).eval()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dims", [(64, 96, 128), (37, 21, 19), (32, 64, 0)])  # D, F, shared F (0: none)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_decode_equals_the_definition(build, kind, dims, dtype):
+    """One call for the chosen experts of 1-16 tokens and the shared expert against moe_reference: fp32 to
+    rounding; bf16 against the definition in fp32 on the same weights, the kernel rounding once per product as
+    gemv does (expert ids repeat across tokens, and most experts go unused at one token)."""
+    torch.manual_seed(0)
+    moe = _moe(kind, *dims)
+    exact = {n: p.clone() for n, p in moe.state_dict().items()}
+    moe = moe.to(dtype)
+    ref32 = _moe(kind, *dims)
+    ref32.load_state_dict({n: p.to(dtype).float() if n != "router_bias" else p for n, p in exact.items()})
+    op = getattr(torch.ops, build).moe_decode
+    s = moe.shared_mlp
+    shared = [
+        getattr(s, n).weight if s is not None and hasattr(s, n) else None for n in ("gate_proj", "up_proj", "down_proj")
+    ]
+    for tokens in (1, 2, 5, 16):
+        x = torch.randn(tokens, dims[0])
+        r = ref32.route(x.to(dtype).float())
+        got = op(x.to(dtype), r.experts, r.weights, moe.gate_proj, moe.up_proj, moe.down_proj, *shared)
+        assert got.shape == x.shape and got.dtype == dtype
+        want = moe_reference(ref32, x.to(dtype).float())
+        torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
 def test_kernel_refuses_what_it_cannot_multiply():
     assert gemv.load()
     op = torch.ops.aetheris_gemv.linear
@@ -70,6 +107,16 @@ def test_kernel_refuses_what_it_cannot_multiply():
         op(torch.randn(1, 15), w, None)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         op(torch.randn(1, 16).half(), w.half(), None)
+    moe = _moe("softmax", 16, 8, 0)
+    x, experts, weights = torch.randn(2, 16), torch.tensor([[0, 9], [1, 2]]), torch.ones(2, 2)
+    with pytest.raises(RuntimeError, match="expert id 9 of 8"):
+        torch.ops.aetheris_gemv.moe_decode(
+            x, experts, weights, moe.gate_proj, moe.up_proj, moe.down_proj, None, None, None
+        )
+    with pytest.raises(RuntimeError, match="moe_decode: experts"):
+        torch.ops.aetheris_gemv.moe_decode(
+            x.bfloat16(), experts % 8, weights, moe.gate_proj, moe.up_proj, moe.down_proj, None, None, None
+        )
     with pytest.raises(ValueError, match="float32 / bfloat16"):
         gemv.GemvLinear(torch.nn.Linear(16, 8).half())
     with pytest.raises(ValueError, match="float32 or bfloat16"):
@@ -100,7 +147,7 @@ def test_model_on_the_kernel_equals_plain(layout, dtype):
     assert not gemv.called_linears(model)  # none left on F.linear
     assert (model.lm_head.weight is model.embeddings.weight) == (ref.lm_head.weight is ref.embeddings.weight)
     assert model.state_dict().keys() == ref.state_dict().keys()
-    assert all(m.linear is gemv.expert_linear for m in model.moe_layers().values())
+    assert all(m.linear is gemv.expert_linear and m.kernel_step for m in model.moe_layers().values())
     tol = TOL[dtype] if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     tokens = torch.randint(0, 97, (2, 9))
     want, want_state = ref.prefill(tokens, ref.empty_state(2), all_logits=True)

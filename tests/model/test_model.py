@@ -231,17 +231,18 @@ def test_models_in_one_process_keep_their_own_compiled_graphs(monkeypatch):
         for batch in (1, 3):
             state = model.empty_state(batch, capacity=2)
             model.decode(torch.zeros(batch, dtype=torch.long), state, out=state)
-        code = model._blocks_step._torchdynamo_orig_callable.__code__
+        code = model._runs[0][2]._torchdynamo_orig_callable.__code__
         assert len(_debug_get_cache_entry_list(code)) == 2
 
 
 @pytest.mark.parametrize("linears", ["plain", "packed", "gemv"])
 @pytest.mark.parametrize("layout", ["mamba", "moe-mamba", "jamba", "hybrid", "mamba2-hybrid"])
 def test_compiled_inference_equals_eager(layout, linears):
-    """The torch.compile'd prefill scan and mixer step (fused kernels, state stored straight into `out`), on
-    plain, oneDNN-packed or few-row-kernel projections (the serving fast paths), against the plain eager
-    reference, at batch 1 (specialised graphs) and batch 3 (dynamic batch), a prompt longer than one scan
-    chunk, decode in place and not."""
+    """The torch.compile'd prefill scan and decode step (runs of whole layers as one graph, fused kernels, state
+    stored straight into `out`), on plain, oneDNN-packed or few-row-kernel projections (the serving fast paths;
+    with the kernel, MoE layers join the runs through moe_decode), against the plain eager reference, at batch
+    1 (specialised graphs) and batch 3 (dynamic batch), a prompt longer than one scan chunk, decode in place
+    and not."""
     eager = tiny(layout)
     compiled = tiny(layout)
     compiled.load_state_dict(eager.state_dict())
@@ -250,8 +251,12 @@ def test_compiled_inference_equals_eager(layout, linears):
     elif linears == "gemv":
         assert use_gemv(compiled)
     compiled.compile_inference()
-    if layout == "mamba":  # three mixer-only layers: one compiled graph for the run of them
-        assert compiled._decode_runs() == [(0, 3)] and eager._decode_runs() == [(0, 1), (1, 2), (2, 3)]
+    runs = [(start, end) for start, end, step in compiled._runs if step is not None]
+    assert all(step is None for *_, step in eager._runs)
+    if layout == "mamba":  # every layer in one compiled run
+        assert runs == [(0, 3)]
+    if layout == "moe-mamba":  # with the kernel, MoE layers too; the grouped MoE dispatch stays eager
+        assert runs == ([(0, 2)] if linears == "gemv" else [])
     for batch in (1, 3):
         prompt = torch.randint(0, 97, (batch, 21))
         want, state = eager.prefill(prompt, eager.empty_state(batch), all_logits=True)
