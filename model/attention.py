@@ -18,7 +18,8 @@ tokens held. Key/value head j serves query heads j*rep ... j*rep + rep - 1.
                        block table's) as given: the caller sizes it to the longest row, so the step never reads a
                        length back to the host and its shapes are fixed for a CUDA graph. A row whose `len` is
                        past that extent (a graph's padding rows, which the engine points at a scratch block)
-                       writes at the last position it has.
+                       writes at the last position it has. With no data-dependent shapes, the step compiles
+                       (COMPILE_STEP) and joins the compiled decode graph with the layers around it.
 `attention_reference` (an explicit masked softmax) is the slow, obvious twin of the SDPA call that both paths
 use; tests hold them equal.
 """
@@ -62,6 +63,7 @@ def rope(x: Tensor, positions: Tensor, rotary_dim: int, theta: float) -> Tensor:
 
 class Attention(nn.Module):
     RESIDUAL_OUT = "o_proj"  # the projection whose init is scaled down with depth (lm.py)
+    COMPILE_STEP = True  # the step has no data-dependent shapes: its extent is the cache or table it is handed
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
