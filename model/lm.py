@@ -306,6 +306,11 @@ class HybridLM(nn.Module):
             self._use_compiled(None, None, None)
             raise
 
+    @property
+    def compiled(self) -> bool:
+        """Whether compile_inference() ran (and did not fail)."""
+        return self._mixer_step is not None
+
     def _use_compiled(self, mixer_step, scan_chunk, blocks_step) -> None:
         """Decode through `mixer_step` and the runs `blocks_step()` makes, and prefill through `scan_chunk`
         (None: eager)."""

@@ -59,11 +59,31 @@ class ModelRunner:
         self.pool = StatePool(
             model, cfg.max_batch_size, self.device, cfg.max_model_len, cfg.kv_blocks, cfg.kv_block_size
         )
+        if model.compiled:
+            self._warm_up()
         self.graphs = capture(model, self.pool, cfg.max_batch_size) if cfg.cuda_graphs else None
         self.cache = PrefixCache(cfg.state_cache_bytes)
         self.timer = StepTimer(self.device)
         if cfg.state_cache_dir:
             self._restore_pinned(SnapshotStore(cfg.state_cache_dir, model, cfg.model_id))
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Decode on the free rows at batch sizes 1, 2 and 3 and two attention extents, so that the compiled
+        step's graphs are built before /health turns 200, not inside the first requests (dynamo compiles a
+        batch of 1 apart, and turns a size dynamic once it has seen it change). The rows' state is overwritten
+        when they are handed out, free rows' paged K/V lands in the scratch block, and the routing counts
+        are reset."""
+        pool, t0 = self.pool, time.perf_counter()
+        unit = pool.paged.block_size if pool.paged else 1
+        extents = sorted({min(x, pool.capacity) for x in (unit + 1, 2 * unit + 1)}) if pool.grows else [None]
+        for b in range(1, min(3, pool.size) + 1):
+            for tokens in extents:
+                rows = pool.view(b, tokens)
+                self.model.decode(torch.zeros(b, dtype=torch.long, device=self.device), rows, out=rows)
+        for moe in self.model.moe_layers().values():
+            moe.reset_stats()
+        log.info("decode step warmed up in %.1f s", time.perf_counter() - t0)
 
     def _restore_pinned(self, store: SnapshotStore) -> None:
         """Load the pinned snapshots an earlier run saved, then save each new one as it is made."""

@@ -35,6 +35,9 @@ class StatePool:
         )
         self.state = model.empty_state(slots, device, 0 if self.paged else capacity)
         self.size, self.capacity = slots, capacity
+        # The smallest extent a view shows: two positions, or two K/V blocks. Dynamo compiles a dimension of
+        # size 1 apart from the others, so a step that never meets one needs one graph fewer.
+        self.least_extent = min((self.paged.block_size if self.paged else 1) + 1, capacity)
         self.rows: list = []  # the sequence in each occupied row, in row order
         self.held: list[int] = []  # tokens each row's state holds (the positions a move copies)
 
@@ -56,7 +59,7 @@ class StatePool:
         from here and not from lengths read back from the device; paged layers carry their block pool and
         the first blocks of the table instead of per-row tensors."""
         n = len(self.rows) if n is None else n
-        tokens = max(self.held, default=0) + 1 if tokens is None else tokens
+        tokens = max(max(self.held, default=0) + 1 if tokens is None else tokens, self.least_extent)
         if not self.paged:
             return self.state.rows(slice(0, n)).narrowed(tokens)
         rows = self.state.rows(slice(0, n))

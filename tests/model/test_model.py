@@ -213,26 +213,27 @@ def test_compiled_batch1_dt_proj_is_fused_and_equals_linear(dtype):
         torch.testing.assert_close(got, want, **({} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
 
 
-def test_models_in_one_process_keep_their_own_compiled_graphs(monkeypatch):
+def test_models_in_one_process_keep_their_own_compiled_graphs():
     """Dynamo compiles at most `recompile_limit` (8) graphs per code object and past that runs the function
     eagerly. Six compiled models (two graphs each: batch 1 and dynamic batch) in one process: each one's
     decode step keeps its own graphs, and none falls back to eager (which would raise here)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    models = []
-    for dtype, packed in [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)] * 2:
-        model = tiny("mamba").cast(dtype)
-        if packed:
-            pack_linears(model)
-        model.compile_inference()
-        models.append(model)
-    for model in models:
-        for batch in (1, 3):
-            state = model.empty_state(batch, capacity=2)
-            model.decode(torch.zeros(batch, dtype=torch.long), state, out=state)
-        code = model._runs[0][2]._torchdynamo_orig_callable.__code__
-        assert len(_debug_get_cache_entry_list(code)) == 2
+    # config.patch, not a monkeypatch: undoing a monkeypatch deletes the key from dynamo's config module
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        models = []
+        for dtype, packed in [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)] * 2:
+            model = tiny("mamba").cast(dtype)
+            if packed:
+                pack_linears(model)
+            model.compile_inference()
+            models.append(model)
+        for model in models:
+            for batch in (1, 3):
+                state = model.empty_state(batch, capacity=2)
+                model.decode(torch.zeros(batch, dtype=torch.long), state, out=state)
+            code = model._runs[0][2]._torchdynamo_orig_callable.__code__
+            assert len(_debug_get_cache_entry_list(code)) == 2
 
 
 @pytest.mark.parametrize("linears", ["plain", "packed", "gemv"])

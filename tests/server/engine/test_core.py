@@ -143,8 +143,9 @@ def test_attention_model_without_a_context_limit_is_refused():
 def test_the_compiled_model_serves_what_the_eager_one_does(layout, kv_blocks):
     """The server's CPU fast path: few-row kernels, MoE through moe_decode, and every layer (attention included)
     in one compiled graph per run. Through the engine, where the batch and the attention extent change from
-    step to step, its greedy tokens equal the eager model's, and no run falls back to eager (dynamo's
-    recompile limit, which would raise here)."""
+    step to step, its greedy tokens equal the eager model's, no run falls back to eager (dynamo's recompile
+    limit, which would raise here), and nothing compiles while serving: the runner's warm-up built every
+    graph."""
     tok = toy_tokenizer()
     eager = HybridLM(tiny_config(tok.vocab_size, layout)).eval()
     fast = HybridLM(tiny_config(tok.vocab_size, layout)).eval()
@@ -155,13 +156,17 @@ def test_the_compiled_model_serves_what_the_eager_one_does(layout, kv_blocks):
     rng = random.Random(1)
     prompts = [[rng.randrange(5, 300) for _ in range(rng.randrange(1, 20))] for _ in range(7)]
     cfg = CoreConfig(max_batch_size=4, prefill_budget=32, max_model_len=64, kv_blocks=kv_blocks, kv_block_size=4)
+    compiles = torch._dynamo.utils.counters["stats"]
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        outputs = [_greedy(model, tok, cfg, prompts) for model in (eager, fast)]
-    assert outputs[0] == outputs[1]
+        want = _greedy(EngineCore(eager, tok, cfg), prompts)
+        core = EngineCore(fast, tok, cfg)
+        before = compiles["unique_graphs"]
+        got = _greedy(core, prompts)
+    assert got == want and compiles["unique_graphs"] == before
 
 
-def _greedy(model, tok, cfg: CoreConfig, prompts: list[list[int]]) -> dict[str, list[int]]:
-    core, out = EngineCore(model, tok, cfg), {}
+def _greedy(core: EngineCore, prompts: list[list[int]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         params = SamplingParams(max_tokens=8 + 3 * i, temperature=0, ignore_eos=True)
         core.add(GenerationRequest(f"r{i}", p, params), lambda o: out.setdefault(o.request_id, []).extend(
