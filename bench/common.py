@@ -1,12 +1,16 @@
-"""Shared benchmark helpers: the machine line, repeat-and-summarise timing, and the roofline probes."""
+"""Shared benchmark helpers: the machine line, repeat-and-summarise timing, peers in their own process, and the
+roofline probes."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -44,20 +48,45 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
+class Crashed(RuntimeError):
+    """A measurement's process ended abnormally (a peer's segfault, an abort)."""
+
+
+def isolated(fn: Callable, *args) -> float:
+    """fn(*args) in a fresh process of its own: a peer that crashes there (llama.cpp segfaults inside its AMX
+    repacking on some CPUs) ends that process, not the run, and raises Crashed here. `fn` must be importable
+    (a module-level function); it times itself, so the process's start does not count."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as e:
+            raise Crashed(f"{fn.__module__}.{fn.__name__} crashed (its process ended abnormally)") from e
+
+
 def interleaved(n: int, runs: dict) -> dict:
     """{key: (fn, *args)} -> {key: summary}, running every key once per round for n rounds. On a shared VM
     whose speed drifts (its memory bandwidth moves with the neighbours' load), round-robin spreads the drift
-    over all systems instead of handing it to whichever ran during a slow minute."""
+    over all systems instead of handing it to whichever ran during a slow minute. A key whose run raises
+    Crashed is recorded as {"crashed": why} and not run again; the others go on."""
     values: dict = {key: [] for key in runs}
+    crashed: dict = {}
     for _ in range(n):
         for key, (fn, *args) in runs.items():
-            values[key].append(fn(*args))
-    return {key: summary(v) for key, v in values.items()}
+            if key in crashed:
+                continue
+            try:
+                values[key].append(fn(*args))
+            except Crashed as e:
+                crashed[key] = str(e)
+                print(f"{key}: {e}", flush=True)
+    return {key: {"crashed": crashed[key]} if key in crashed else summary(v) for key, v in values.items()}
 
 
 def fmt(stat: dict | None, digits: int = 1) -> str:
     if not stat:
         return "-"
+    if "crashed" in stat:
+        return "crashed"
     return f"{stat['median']:.{digits}f} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
 
 

@@ -13,7 +13,7 @@ SYSTEMS = [(system, dtype) for dtype in ("float32", "bfloat16") for system in (*
 
 
 def _med(d: dict, key) -> float | None:
-    return d[key]["median"] if key in d else None
+    return d[key].get("median") if key in d else None  # None where it crashed
 
 
 def _cell(r: dict, table: str, system: str, dtype: str, key) -> str:

@@ -1,7 +1,9 @@
 """One command for the whole benchmark suite: python bench/run.py [--quick]
 
-Ours, transformers and llama.cpp run in turn inside one process on the same random mamba-130m-size weights,
-so their ratios are comparable; each figure is the median of --repeats runs with the spread (min-max).
+Ours, transformers and llama.cpp run in turn on the same random mamba-130m-size weights, so their ratios are
+comparable; each figure is the median of --repeats runs with the spread (min-max). Each llama.cpp measurement
+runs in a process of its own (bench/common.isolated), so a peer that crashes (llama.cpp's Q8_0 segfaults on
+some AMX CPUs) shows as "crashed" in its cells and the run goes on.
 Writes bench/results/results.md, results.json and PNG plots. Run it on an idle machine: two torch workloads
 on 2 cores slow each other 5-7x.
 """
@@ -80,16 +82,12 @@ def decode_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> di
             if gguf is not None:
                 from bench import llamacpp
 
-                runs[("llama.cpp", name, b)] = (llamacpp.decode_tokens_per_s, str(gguf[dtype]), b, args.tokens)
+                run = (common.isolated, llamacpp.decode_tokens_per_s)  # each in its own process: it may crash
+                runs[("llama.cpp", name, b)] = (*run, str(gguf[dtype]), b, args.tokens)
                 if dtype == torch.float32:  # Q8_0 keeps fp32 activations, like our int8 rows of the fp32 model
-                    runs[("llama.cpp Q8_0", name, b)] = (
-                        llamacpp.decode_tokens_per_s,
-                        str(gguf["q8_0"]),
-                        b,
-                        args.tokens,
-                    )
+                    runs[("llama.cpp Q8_0", name, b)] = (*run, str(gguf["q8_0"]), b, args.tokens)
             out.update(common.interleaved(n, runs))
-            print({k: round(v["median"], 1) for k, v in out.items() if k[2] == b and k[1] == name}, flush=True)
+            print({k: common.fmt(v) for k, v in out.items() if k[2] == b and k[1] == name}, flush=True)
     return out
 
 
@@ -103,7 +101,8 @@ def prefill_suite(args, hf_dir: Path, gguf: dict | None, unsupported: dict) -> d
         if gguf is not None:
             from bench import llamacpp
 
-            runs[("llama.cpp", length)] = (llamacpp.prefill_tokens_per_s, str(gguf[torch.float32]), length)
+            run = (common.isolated, llamacpp.prefill_tokens_per_s)
+            runs[("llama.cpp", length)] = (*run, str(gguf[torch.float32]), length)
         out.update(common.interleaved(args.repeats, runs))
     return out
 
