@@ -6,7 +6,7 @@ expert, vocab 32,768: 898M parameters, 294M active), served as the server prepar
 compiled). Two variants side by side in one process, same weights:
   - grouped: the MoE layers' decode step through the grouped dispatch (three kernel calls per chosen expert,
     the expert counts read back to sort and split the tokens), which keeps those layers out of the compiled runs;
-  - kernel: one moe_decode call per MoE layer, and the whole step (attention included) one compiled graph.
+  - kernel: one moe_decode call per MoE layer, and every layer (attention included) in a compiled run.
 Per variant and dtype: the median decode step (in place, as the engine runs it) at batch 1 and 8, and a
 profile of one batch-1 step (where the time goes, by operator). Writes bench/results/moe_decode.md.
 """

@@ -37,6 +37,10 @@ from .moe import MoE, RouterOutput, SigmoidMoE, load_balancing_loss, router_z_lo
 from .scan import scan_chunk
 from .state import ModelState
 
+# Layers per compiled decode run: a longer run saves a call and a guard check per layer a step, but inductor's
+# compile time grows with the graph, and a server compiles every shape of run before it turns healthy.
+RUN_LAYERS = 4
+
 
 @dataclass
 class LMOutput:
@@ -128,6 +132,10 @@ def compiles_whole(block: Block) -> bool:
     mixer_ok = block.mixer is None or getattr(block.mixer, "COMPILE_STEP", False)
     ffn_ok = not isinstance(block.ffn, MoE) or block.ffn.static_step()
     return mixer_ok and ffn_ok and (block.mixer is not None or block.ffn is not None)
+
+
+def layer_kind(block: Block) -> tuple[str, str]:
+    return type(block.mixer).__name__, type(block.ffn).__name__
 
 
 def own_code(fn: types.FunctionType) -> types.FunctionType:
@@ -272,17 +280,23 @@ class HybridLM(nn.Module):
 
     def _decode_runs(self, compiled) -> list[tuple[int, int, object]]:
         """[start, end) layer ranges the decode step goes through, each with its compiled step or None: with
-        `compiled` (a function that compiles a fresh copy of blocks_step), maximal runs of layers that
-        `compiles_whole`, each its own compiled function (dynamo compiles at most 8 graphs per function, and a
-        model has a run between every two attention layers); every other layer alone, uncompiled."""
+        `compiled` (a function that compiles a fresh copy of blocks_step), runs of up to RUN_LAYERS consecutive
+        layers of one kind that `compiles_whole`; every other layer alone, uncompiled. Runs of the same kind
+        and length share one compiled function (the layers' weights are graph inputs), so a deep model
+        compiles a few short graphs rather than one as deep as itself; each shape of run has its own
+        function, since dynamo compiles at most 8 graphs per function."""
         runs: list[list] = []
         for i, block in enumerate(self.layers):
-            whole = compiled is not None and compiles_whole(block)
-            if whole and runs and runs[-1][2]:
+            kind = layer_kind(block) if compiled is not None and compiles_whole(block) else None
+            if kind and runs and runs[-1][2] == kind and runs[-1][1] - runs[-1][0] < RUN_LAYERS:
                 runs[-1][1] = i + 1
             else:
-                runs.append([i, i + 1, whole])
-        return [(start, end, compiled() if whole else None) for start, end, whole in runs]
+                runs.append([i, i + 1, kind])
+        steps: dict = {}
+        for start, end, kind in runs:
+            if kind and (kind, end - start) not in steps:
+                steps[kind, end - start] = compiled()
+        return [(start, end, steps.get((kind, end - start))) for start, end, kind in runs]
 
     def compile_inference(self) -> None:
         """torch.compile the two inference hot loops, and compile them now so the first requests do not wait:

@@ -142,7 +142,7 @@ def test_attention_model_without_a_context_limit_is_refused():
 @pytest.mark.parametrize("layout", ["hybrid", "mamba2-hybrid", "nemotron-h"])
 def test_the_compiled_model_serves_what_the_eager_one_does(layout, kv_blocks):
     """The server's CPU fast path: few-row kernels, MoE through moe_decode, and every layer (attention included)
-    in one compiled graph per run. Through the engine, where the batch and the attention extent change from
+    in a compiled run. Through the engine, where the batch and the attention extent change from
     step to step, its greedy tokens equal the eager model's, no run falls back to eager (dynamo's recompile
     limit, which would raise here), and nothing compiles while serving: the runner's warm-up built every
     graph."""
@@ -152,7 +152,7 @@ def test_the_compiled_model_serves_what_the_eager_one_does(layout, kv_blocks):
     fast.load_state_dict(eager.state_dict())
     assert use_gemv(fast)
     fast.compile_inference()
-    assert [(start, end) for start, end, step in fast._runs if step is not None] == [(0, len(fast.layers))]
+    assert all(step is not None for *_, step in fast._runs)
     rng = random.Random(1)
     prompts = [[rng.randrange(5, 300) for _ in range(rng.randrange(1, 20))] for _ in range(7)]
     cfg = CoreConfig(max_batch_size=4, prefill_budget=32, max_model_len=64, kv_blocks=kv_blocks, kv_block_size=4)
