@@ -156,13 +156,18 @@ class MoE(nn.Module):
 
     def step(self, x: Tensor) -> Tensor:
         """x (T, D), one token per sequence -> (T, D): the decode step's feed-forward."""
-        if self.kernel_step:
-            return self._kernel_step(x)
-        if not self.static_dispatch:
+        if not self.static_step():
             return self.forward(x)[0]
         r = self.route(x)
         flat = r.experts.reshape(-1)  # (T*k,)
         self.expert_counts.index_add_(0, flat, torch.ones_like(flat))  # stays on the device until /metrics
+        if self.kernel_step:
+            s = self.shared_mlp
+            shared = [getattr(s, n, None) if s is not None else None for n in ("gate_proj", "up_proj", "down_proj")]
+            return torch.ops.aetheris_gemv.moe_decode(
+                x, r.experts, r.weights, self.gate_proj, self.up_proj, self.down_proj,
+                *(None if lin is None else lin.weight for lin in shared),
+            )  # fmt: skip  # (T, D)
         if x.shape[0] * self.top_k < self.n_experts:
             ys = self._gathered(x, flat).view(*r.experts.shape, -1)  # (T, k, D)
             out = (ys * r.weights.unsqueeze(-1).to(ys.dtype)).sum(1)  # (T, D)
@@ -176,17 +181,6 @@ class MoE(nn.Module):
     def static_step(self) -> bool:
         """Whether the decode step has no data-dependent shapes (so it joins the compiled decode graph)."""
         return self.kernel_step or self.static_dispatch
-
-    def _kernel_step(self, x: Tensor) -> Tensor:
-        r = self.route(x)
-        flat = r.experts.reshape(-1)  # (T*k,)
-        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
-        s = self.shared_mlp
-        shared = [getattr(s, n, None) if s is not None else None for n in ("gate_proj", "up_proj", "down_proj")]
-        return torch.ops.aetheris_gemv.moe_decode(
-            x, r.experts, r.weights, self.gate_proj, self.up_proj, self.down_proj,
-            *(None if lin is None else lin.weight for lin in shared),
-        )  # fmt: skip  # (T, D)
 
     def _gathered(self, x: Tensor, flat: Tensor) -> Tensor:
         """x (T, D), the chosen experts (T*k,) in token order -> each assignment's expert output (T*k, D)."""

@@ -31,9 +31,8 @@ namespace {
 
 using namespace aetheris;
 
-template <typename W>
 struct Segment {
-  const W *gate, *up, *down;  // (F, D), (F, D), (D, F); gate null for relu^2 experts
+  const void *gate, *up, *down;  // (F, D), (F, D), (D, F) in the weights' dtype; gate null for relu^2 experts
   int64_t F, first, n;        // rows [first, first + n) of the gathered tokens and of h
   int64_t h;                  // offset of this segment's h (n, F) in the h buffer
 };
@@ -44,10 +43,10 @@ inline void store(float v, float* p) { *p = v; }
 inline void store(float v, uint16_t* p) { *p = c10::BFloat16(v).x; }  // round to nearest even
 
 template <typename W>
-void gate_up(const Segment<W>& s, const W* xs, float* g, float* u, W* h, int64_t D, int64_t o0, int64_t o1) {
+void gate_up(const Segment& s, const W* xs, float* g, float* u, W* h, int64_t D, int64_t o0, int64_t o1) {
   const W* x = xs + s.first * D;
-  rows(s.up, x, u, s.n, D, s.F, o0, o1);  // (n, F) rows [o0, o1)
-  if (s.gate) rows(s.gate, x, g, s.n, D, s.F, o0, o1);
+  rows(static_cast<const W*>(s.up), x, u, s.n, D, s.F, o0, o1);  // (n, F) rows [o0, o1)
+  if (s.gate) rows(static_cast<const W*>(s.gate), x, g, s.n, D, s.F, o0, o1);
   for (int64_t m = 0; m < s.n; ++m)
     for (int64_t o = o0; o < o1; ++o) {
       float up = u[m * s.F + o];
@@ -56,7 +55,7 @@ void gate_up(const Segment<W>& s, const W* xs, float* g, float* u, W* h, int64_t
 }
 
 template <typename W>
-at::Tensor run_moe(const std::vector<Segment<W>>& segs, const W* xs, const int64_t* token, const float* weight,
+at::Tensor run_moe(const std::vector<Segment>& segs, const W* xs, const int64_t* token, const float* weight,
                    int64_t T, int64_t D, int64_t rows_total, int64_t h_total, const at::TensorOptions& opt) {
   at::Tensor g = at::empty({h_total}, opt.dtype(at::kFloat)), u = at::empty({h_total}, opt.dtype(at::kFloat));
   at::Tensor hb = at::empty({h_total}, opt), ys = at::empty({rows_total, D}, opt.dtype(at::kFloat));
@@ -68,14 +67,14 @@ at::Tensor run_moe(const std::vector<Segment<W>>& segs, const W* xs, const int64
     for (int64_t o = 0; o < segs[i].F; o += R) work.emplace_back(i, o);
   at::parallel_for(0, int64_t(work.size()), 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
-      const Segment<W>& s = segs[work[w].first];
+      const Segment& s = segs[work[w].first];
       int64_t o = work[w].second;
       gate_up(s, xs, gb + s.h, ub + s.h, h, D, o, std::min(o + R, s.F));
     }
   });
   at::parallel_for(0, (D + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
     int64_t o0 = b0 * R, o1 = std::min(b1 * R, D);
-    for (const Segment<W>& s : segs) rows(s.down, h + s.h, yb + s.first * D, s.n, s.F, D, o0, o1);
+    for (const Segment& s : segs) rows(static_cast<const W*>(s.down), h + s.h, yb + s.first * D, s.n, s.F, D, o0, o1);
     for (int64_t a = 0; a < rows_total; ++a)
       for (int64_t o = o0; o < o1; ++o) ob[token[a] * D + o] += weight[a] * yb[a * D + o];
   });
@@ -112,22 +111,21 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   const int64_t rows_total = T * k + (has_shared ? T : 0);
   std::vector<int64_t> token(rows_total);  // per gathered row: its token
   std::vector<float> weight(rows_total, 1.f);
-  struct Raw { const char *gate, *up, *down; int64_t F, first, n, h; };
-  std::vector<Raw> raw;
+  std::vector<Segment> segs;
   int64_t row = 0, h_total = 0;
   for (int64_t e = 0; e < E; ++e) {
     if (routed[e].empty()) continue;
-    raw.push_back({gate ? ptr(*gate, e * F * D) : nullptr, ptr(up, e * F * D), ptr(down, e * D * F), F, row,
+    segs.push_back({gate ? ptr(*gate, e * F * D) : nullptr, ptr(up, e * F * D), ptr(down, e * D * F), F, row,
                    int64_t(routed[e].size()), h_total});
     for (int64_t a : routed[e]) token[row] = a / k, weight[row] = wt.const_data_ptr<float>()[a], ++row;
-    h_total += raw.back().n * F;
+    h_total += segs.back().n * F;
   }
   if (has_shared) {
     const int64_t Fs = shared_up->size(0);
     TORCH_CHECK(shared_up->is_contiguous() && shared_down->is_contiguous() && shared_up->size(1) == D &&
                 shared_down->size(0) == D && shared_down->size(1) == Fs && gate.has_value() == shared_gate.has_value(),
                 "moe_decode: shared expert");
-    raw.push_back({shared_gate ? ptr(*shared_gate, 0) : nullptr, ptr(*shared_up, 0), ptr(*shared_down, 0), Fs, row,
+    segs.push_back({shared_gate ? ptr(*shared_gate, 0) : nullptr, ptr(*shared_up, 0), ptr(*shared_down, 0), Fs, row,
                    T, h_total});
     for (int64_t t = 0; t < T; ++t) token[row] = t, ++row;
     h_total += T * Fs;
@@ -138,10 +136,6 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
 
   auto typed = [&](auto zero) {
     using W = decltype(zero);
-    std::vector<Segment<W>> segs;
-    for (const Raw& s : raw)
-      segs.push_back({reinterpret_cast<const W*>(s.gate), reinterpret_cast<const W*>(s.up),
-                      reinterpret_cast<const W*>(s.down), s.F, s.first, s.n, s.h});
     return run_moe<W>(segs, reinterpret_cast<const W*>(xs.const_data_ptr()), token.data(), weight.data(), T, D,
                       rows_total, h_total, x.options());
   };
