@@ -7,8 +7,9 @@ compiled). Two variants side by side in one process, same weights:
   - grouped: the MoE layers' decode step through the grouped dispatch (three kernel calls per chosen expert,
     the expert counts read back to sort and split the tokens), which keeps those layers out of the compiled runs;
   - kernel: one moe_decode call per MoE layer, and every layer (attention included) in a compiled run.
-Per variant and dtype: the median decode step (in place, as the engine runs it) at batch 1 and 8, and a
-profile of one batch-1 step (where the time goes, by operator). Writes bench/results/moe_decode.md.
+Per variant and weight format (fp32, bf16, and bf16 with int8 or int4 weights, `--quantize` as served): the
+median decode step (in place, as the engine runs it) at batch 1 and 8, and a profile of one batch-1 step (where
+the time goes, by operator). Writes bench/results/moe_decode.md.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ SHAPE = dict(
 )  # fmt: skip
 
 
-def build(dtype: torch.dtype, kernel: bool) -> HybridLM:
+def build(dtype: torch.dtype, kernel: bool, quantize: str | None = None) -> HybridLM:
     torch.manual_seed(0)
     cfg = granite.config(GraniteMoeHybridConfig(**SHAPE).to_dict(), None)
     model = HybridLM(cfg).cast(dtype).eval()
     for moe in model.moe_layers().values():  # the routers of a random model are near uniform; spread them
         moe.router.weight.data.normal_(0, 0.5)
-    prepare_for_inference(model, Speedups(compile=False), strict=True)  # as served, compiled below
+    prepare_for_inference(model, Speedups(quantize=quantize, compile=False), strict=True)  # as served
     for moe in model.moe_layers().values():
         moe.kernel_step = kernel and moe.kernel_step
     model.compile_inference()
@@ -78,7 +79,10 @@ def profile(model: HybridLM, rows: int = 12) -> list[tuple[str, float, int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument(
+        "--formats", nargs="+", default=["bfloat16", "bfloat16+int8", "bfloat16+int4", "float32"],
+        help="a dtype, or dtype+int8 / dtype+int4 for quantized weights",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "moe_decode.md")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -87,14 +91,14 @@ def main() -> None:
         "",
         f"{machine_line()}; {time.strftime('%Y-%m-%d %H:%M')}. Median of 20 in-place decode steps after 3.",
         "",
-        "| dtype | dispatch | batch 1 (ms / step) | batch 8 (ms / step) | batch 1 tok/s |",
+        "| weights | dispatch | batch 1 (ms / step) | batch 8 (ms / step) | batch 1 tok/s |",
         "|---|---|---:|---:|---:|",
     ]
     profiles = []
-    for name in args.dtypes:
-        dtype = getattr(torch, name)
+    for name in args.formats:
+        dtype_name, _, quantize = name.partition("+")
         for kernel in (False, True):
-            model = build(dtype, kernel)
+            model = build(getattr(torch, dtype_name), kernel, quantize or None)
             label = "moe_decode" if kernel else "grouped"
             b1, b8 = step_ms(model, 1), step_ms(model, 8)
             lines.append(f"| {name} | {label} | {b1:.1f} | {b8:.1f} | {1e3 / b1:.1f} |")

@@ -50,112 +50,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return y.to(x.scalar_type()).view(sizes);  // (..., O)
 }
 
-// ---------------------------------------------------------------- int4 weights (model/int4.py)
-//
-// packed (O, I/2) uint8 and scales (O, I/G) bf16: group g of row o is G weights; byte j of the group holds
-// weight j in its low nibble and weight j + G/2 in its high one, each stored as q + 8 (q in [-8, 7]).
-// x is widened to fp32 once per call. A row's group is unpacked once into scaled fp32 weights
-// (s * (u - 8) as one FMA on u) and multiplied against every token of a tile of up to 4 while in registers, so
-// the packed bytes are read once and the unpacking is shared by the tokens. AVX-512 and AVX2 forms, and a
-// portable loop for other CPUs (and groups that are not a multiple of 32).
-
-constexpr int64_t TT = 4;  // tokens per tile
-
-#if defined(__AVX512F__)
-// Tokens [t0, t0+T) of row o: 32-weight groups, 16 lanes.
-template <int T>
-void int4_tile(const uint8_t* row, const uint16_t* scale, const float* x, float* y, int64_t I, int64_t O,
-               int64_t G, int64_t o) {
-  __m512 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-  const int64_t H = G / 2, groups = I / G;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 s = _mm512_set1_ps(widen(scale[g]));
-    __m512 off = _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
-    for (int64_t j = 0; j < H; j += 16) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * H + j));
-      __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-      __m512 wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, off);
-      __m512 wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, off);
-      const float* xg = x + g * G + j;
-      for (int t = 0; t < T; ++t) {
-        acc[t] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xg + t * I), acc[t]);
-        acc[t] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xg + t * I + H), acc[t]);
-      }
-    }
-  }
-  for (int t = 0; t < T; ++t) y[t * O + o] = _mm512_reduce_add_ps(acc[t]);
-}
-constexpr int64_t INT4_STEP = 32;  // the group size the vector form needs a multiple of
-#elif defined(__AVX2__)
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-template <int T>
-void int4_tile(const uint8_t* row, const uint16_t* scale, const float* x, float* y, int64_t I, int64_t O,
-               int64_t G, int64_t o) {
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  const int64_t H = G / 2, groups = I / G;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 s = _mm256_set1_ps(widen(scale[g]));
-    __m256 off = _mm256_mul_ps(s, _mm256_set1_ps(-8.f));
-    for (int64_t j = 0; j < H; j += 8) {
-      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + g * H + j));
-      __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-      __m256 wl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, off);
-      __m256 wh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, off);
-      const float* xg = x + g * G + j;
-      for (int t = 0; t < T; ++t) {
-        acc[t] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xg + t * I), acc[t]);
-        acc[t] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xg + t * I + H), acc[t]);
-      }
-    }
-  }
-  for (int t = 0; t < T; ++t) y[t * O + o] = hsum256(acc[t]);
-}
-constexpr int64_t INT4_STEP = 16;
-#endif
-
-// One row, every token, plain loops: any CPU, any even group size.
-void int4_row_portable(const uint8_t* row, const uint16_t* scale, const float* x, float* y, int64_t M, int64_t I,
-                       int64_t O, int64_t G, int64_t o) {
-  const int64_t H = G / 2, groups = I / G;
-  for (int64_t m = 0; m < M; ++m) {
-    float acc = 0;
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* b = row + g * H;
-      const float* x0 = x + m * I + g * G;
-      float part = 0;
-#pragma omp simd reduction(+ : part)
-      for (int64_t j = 0; j < H; ++j) part += float(int(b[j] & 15) - 8) * x0[j] + float(int(b[j] >> 4) - 8) * x0[j + H];
-      acc += part * widen(scale[g]);
-    }
-    y[m * O + o] = acc;
-  }
-}
-
-void int4_row(const uint8_t* p, const uint16_t* s, const float* x, float* y, int64_t M, int64_t I, int64_t O,
-              int64_t G, int64_t o) {
-  const uint8_t* row = p + o * (I / 2);
-  const uint16_t* scale = s + o * (I / G);
-#if defined(__AVX512F__) || defined(__AVX2__)
-  if (G % INT4_STEP == 0) {
-    int64_t m = 0;
-    for (; m + TT <= M; m += TT) int4_tile<TT>(row, scale, x + m * I, y + m * O, I, O, G, o);
-    if (m + 2 <= M) int4_tile<2>(row, scale, x + m * I, y + m * O, I, O, G, o), m += 2;
-    if (m < M) int4_tile<1>(row, scale, x + m * I, y + m * O, I, O, G, o);
-    return;
-  }
-#endif
-  int4_row_portable(row, scale, x, y, M, I, O, G, o);
-}
-
 // x (M, I) fp32 or bf16 @ dequantized weight (O, I)^T -> (M, O) fp32; few rows only (model/int4.py dequantizes
 // for more).
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t group) {
@@ -164,17 +58,39 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   int64_t O = packed.size(0), I = packed.size(1) * 2, M = x.numel() / I;
   TORCH_CHECK(group % 2 == 0 && I % group == 0 && scales.numel() == O * (I / group), "int4: group of ", group);
   TORCH_CHECK(x.size(-1) == I && M <= MAX_ROWS, "int4: x has ", x.size(-1), " features and ", M, " rows");
-  at::Tensor xf = x.to(at::kFloat).contiguous();  // (M, I): widened once, read by every row
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   auto p = packed.const_data_ptr<uint8_t>();
   auto s = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>());
-  const float* xp = xf.const_data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      if (o + 1 < o1) prefetch_rows(p + (o + 1) * (I / 2), I / 2);
-      int4_row(p, s, xp, yp, M, I, O, group, o);
-    }
+  if (x.scalar_type() == at::kBFloat16 && int4_takes_bf16(group)) {  // bf16 tokens as they are
+    at::Tensor xc = x.contiguous();
+    auto xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
+    at::parallel_for(0, (O + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
+      rows_q4(p, s, xp, yp, M, I, O, group, b0 * R, std::min(b1 * R, O));
+    });
+    return y;
+  }
+  at::Tensor xf = x.to(at::kFloat).contiguous();  // (M, I): widened once, read by every row
+  const float* xp = xf.const_data_ptr<float>();
+  at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) { rows_q4(p, s, xp, yp, M, I, O, group, o0, o1); });
+  return y;
+}
+
+// x (M, I) fp32 or bf16 @ (q * scale)^T -> (M, O) fp32: q (O, I) int8, scale (O,) fp32; few rows only
+// (model/quantized.py dequantizes for more).
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "int8: weight");
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
+              "int8: one fp32 scale per row");
+  int64_t O = q.size(0), I = q.size(1), M = x.numel() / I;
+  TORCH_CHECK(x.size(-1) == I && M <= MAX_ROWS, "int8: x has ", x.size(-1), " features and ", M, " rows");
+  at::Tensor xf = x.to(at::kFloat).contiguous();  // (M, I): widened once, read by every row
+  at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
+  const int8_t* w = q.const_data_ptr<int8_t>();
+  const float *s = scale.const_data_ptr<float>(), *xp = xf.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (O + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
+    rows_q8(w, s, xp, yp, M, I, O, b0 * R, std::min(b1 * R, O));
   });
   return y;
 }
@@ -204,9 +120,11 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, int6
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
-// Which inner kernel serves int4 weights in this build.
+// Which inner kernel serves int4 weights in this build (with bf16 tokens where it says avx512_bf16).
 std::string int4_kernel() {
-#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(__AVX512F__)
   return "avx512";
 #elif defined(__AVX2__)
   return "avx2";
@@ -231,11 +149,13 @@ TORCH_LIBRARY(AETHERIS_NS, m) {
   m.def("bf16_kernel() -> str", &bf16_kernel);
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales, int group) -> Tensor");
   m.def("int4_kernel() -> str", &int4_kernel);
+  m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int4_dequant(Tensor packed, Tensor scales, int group, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(AETHERIS_NS, CPU, m) {
   m.impl("linear", &linear);
   m.impl("int4_mm", &int4_mm);
+  m.impl("int8_mm", &int8_mm);
   m.impl("int4_dequant", &int4_dequant);
 }

@@ -101,7 +101,8 @@ def load(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> boo
             try:
                 torch.ops.load_library(str(build(isa_flags, namespace)))
                 torch.library.register_fake(f"{namespace}::linear")(_linear_shape)
-                torch.library.register_fake(f"{namespace}::int4_mm")(_int4_shape)
+                torch.library.register_fake(f"{namespace}::int4_mm")(_quantized_mm_shape)
+                torch.library.register_fake(f"{namespace}::int8_mm")(_quantized_mm_shape)
                 torch.library.register_fake(f"{namespace}::int4_dequant")(_int4_dequant_shape)
                 torch.library.register_fake(f"{namespace}::moe_decode")(_moe_decode_shape)
                 _loaded[namespace] = True
@@ -111,12 +112,18 @@ def load(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> boo
         return _loaded[namespace]
 
 
+def loaded() -> bool:
+    """Whether the default build is loaded: what the quantized products check (a dict lookup, which compiled code
+    guards on, where calling load() would break the graph); quantizing loads it first."""
+    return _loaded.get(NAMESPACE, False)
+
+
 def _linear_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., O)
 
 
-def _int4_shape(x: Tensor, packed: Tensor, scales: Tensor, group: int) -> Tensor:
-    return x.new_empty((x.numel() // x.shape[-1], packed.shape[0]), dtype=torch.float32)  # (M, O)
+def _quantized_mm_shape(x: Tensor, weight: Tensor, scales: Tensor, *group: int) -> Tensor:
+    return x.new_empty((x.numel() // x.shape[-1], weight.shape[0]), dtype=torch.float32)  # (M, O)
 
 
 def _int4_dequant_shape(packed: Tensor, scales: Tensor, group: int, dtype: torch.dtype) -> Tensor:
@@ -180,5 +187,20 @@ def use_gemv(model: nn.Module) -> int:
         setattr(parent, name, GemvLinear(child))
     for moe in model.modules():
         if isinstance(moe, MoE):
-            moe.linear, moe.kernel_step = expert_linear, all(w.is_contiguous() for w in moe.expert_params())
+            moe.linear = expert_linear
+    use_moe_kernel(model)
     return len(targets)
+
+
+def use_moe_kernel(model: nn.Module) -> int:
+    """Give the decode step of every MoE layer whose weights moe_decode.cpp takes (routed and shared experts
+    contiguous, in one format: the model's dtype, int8 or int4) to the kernel, building it first; returns how
+    many layers."""
+    from .moe import MoE
+
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.kernel_operands() is not None]
+    if not layers or not load():
+        return 0
+    for moe in layers:
+        moe.kernel_step = True
+    return len(layers)

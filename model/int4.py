@@ -35,12 +35,6 @@ KERNEL_MAX_ROWS = 16  # gemv.cpp's MAX_ROWS; past ~16-32 rows dequantize + GEMM 
 ROWS = 4096  # rows quantized at a time
 
 
-@functools.cache
-def kernel_ready() -> bool:
-    """gemv.cpp built and loaded (once); without a compiler, products go through the dequantized weight."""
-    return gemv.load()
-
-
 def quantize_int4(w: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor]:
     """w (O, I) -> packed (O, I/2) uint8 and scales (O, I/G) bf16, w ~= dequantize_int4(packed, scales). Large
     weights go ROWS rows at a time, so the fp32 temporaries stay small (a head is ~100k rows)."""
@@ -76,7 +70,7 @@ def int4_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, I)
     group = 2 * packed.shape[1] // scale.shape[1]
-    if x.device.type != "cpu" or not kernel_ready():
+    if x.device.type != "cpu" or not gemv.loaded():
         y = F.linear(x2, dequantize_int4(packed, scale, x.dtype))  # (M, O)
     elif x2.shape[0] <= KERNEL_MAX_ROWS:
         y = torch.ops.aetheris_gemv.int4_mm(x2, packed, scale, group).to(x.dtype)  # (M, O)
@@ -111,11 +105,14 @@ class Int4Linear(nn.Module):
             linear.weight = nn.Parameter(weight, requires_grad=False)
             linear.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
             return linear
-        kernel_ready()  # built before the first product, not inside a compiled one
+        gemv.load()  # built before the first product, not inside a compiled one
         return cls(*quantize_int4(weight, group), None if bias is None else bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
         return int4_linear(x, self.packed, self.scale, self.bias)  # (..., O)
+
+    def operands(self) -> tuple[Tensor, Tensor]:
+        return self.packed, self.scale
 
     def extra_repr(self) -> str:
         group = 2 * self.packed.shape[1] // self.scale.shape[1]
@@ -135,7 +132,7 @@ class Int4Experts(nn.Module):
     @classmethod
     def quantize(cls, stacked: Node, dtype: torch.dtype, group: int = GROUP) -> Int4Experts:
         """One expert at a time (`stacked` may be a node of the checkpoint, read expert by expert)."""
-        kernel_ready()
+        gemv.load()
         E, O, I = stacked.shape  # noqa: E741
         if I % group:
             raise ValueError(f"--quantize int4: experts with {I} inputs are not a whole number of groups of {group}")
@@ -147,6 +144,9 @@ class Int4Experts(nn.Module):
 
     def __getitem__(self, e: int) -> tuple[Tensor, Tensor]:
         return self.packed[e], self.scale[e]
+
+    def operands(self) -> tuple[Tensor, Tensor]:
+        return self.packed, self.scale
 
 
 def int4_expert_linear(x: Tensor, weight: tuple[Tensor, Tensor], bias: Tensor | None) -> Tensor:
@@ -180,6 +180,6 @@ def why_not(device: torch.device, dtype: torch.dtype | None) -> str | None:
         return f"its kernel runs on the CPU only, not on {device.type}"
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
         return f"its kernel takes float32 or bfloat16 activations, not {dtype}"
-    if not kernel_ready():
+    if not gemv.load():
         return "its kernel could not be built (no C++ compiler)"
     return None

@@ -20,8 +20,9 @@ tokens skip this expert and flow through the residual (Switch §2.2).
 
 The decode step (`step`, one token per sequence) has two other dispatches, neither of which reads expert
 counts back into Python, so both join the compiled decode graph:
-- on CPU (`kernel_step`, set with the few-row kernel by gemv.use_gemv): one call of moe_decode.cpp runs the
-  chosen experts of every token and the shared expert, each expert's weights streamed once for all its tokens;
+- on CPU (`kernel_step`, set by gemv.use_moe_kernel with the few-row kernel or int8 / int4 weights): one call
+  of moe_decode.cpp runs the chosen experts of every token and the shared expert, each expert's weights
+  streamed once for all its tokens;
   the grouped dispatch would make three kernel calls per chosen expert plus the sorting and splitting around
   them, which at batch 1 costs more than the experts' weights take to stream.
 - on CUDA (`static_dispatch`, set by `use_static_dispatch`), with static shapes: the step runs without waiting
@@ -162,12 +163,7 @@ class MoE(nn.Module):
         flat = r.experts.reshape(-1)  # (T*k,)
         self.expert_counts.index_add_(0, flat, torch.ones_like(flat))  # stays on the device until /metrics
         if self.kernel_step:
-            s = self.shared_mlp
-            shared = [getattr(s, n, None) if s is not None else None for n in ("gate_proj", "up_proj", "down_proj")]
-            return torch.ops.aetheris_gemv.moe_decode(
-                x, r.experts, r.weights, self.gate_proj, self.up_proj, self.down_proj,
-                *(None if lin is None else lin.weight for lin in shared),
-            )  # fmt: skip  # (T, D)
+            return torch.ops.aetheris_gemv.moe_decode(x, r.experts, r.weights, *self.kernel_operands())  # (T, D)
         if x.shape[0] * self.top_k < self.n_experts:
             ys = self._gathered(x, flat).view(*r.experts.shape, -1)  # (T, k, D)
             out = (ys * r.weights.unsqueeze(-1).to(ys.dtype)).sum(1)  # (T, D)
@@ -177,6 +173,25 @@ class MoE(nn.Module):
             out = (ys * dense.t().unsqueeze(-1).to(ys.dtype)).sum(0)  # (T, D)
         out = out.to(x.dtype)
         return out + self.shared_mlp(x) if self.shared_mlp is not None else out
+
+    def kernel_operands(self) -> tuple[list[Tensor | None], list[Tensor | None]] | None:
+        """The routed and shared experts' matrices as moe_decode.cpp takes them, gate, up, down each as [weight]
+        in the model's dtype or [weights, scales] quantized (none for a missing gate, an empty list for no shared
+        expert); None where it cannot take them: not all in one format, not contiguous, not on the CPU."""
+        names = ("gate_proj", "up_proj", "down_proj")
+        routed = [_operands(getattr(self, n)) for n in names]
+        s = self.shared_mlp
+        shared = [] if s is None else [_operands(getattr(s, n, None)) for n in names]
+        present = [o for o in routed + shared if o is not None]
+        first = present[0][0]
+        if any(
+            len(o) != len(present[0]) or o[0].dtype != first.dtype or o[0].device.type != "cpu"
+            or not all(t.is_contiguous() for t in o)
+            for o in present
+        ):  # fmt: skip
+            return None
+        blank = [None] * len(present[0])
+        return [t for o in routed for t in o or blank], [t for o in shared for t in o or blank]
 
     def static_step(self) -> bool:
         """Whether the decode step has no data-dependent shapes (so it joins the compiled decode graph)."""
@@ -254,6 +269,14 @@ class SigmoidMoE(MoE):
         if self.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return RouterOutput(logits, weights * self.scaling, experts)
+
+
+def _operands(m: nn.Module | Tensor | None) -> list[Tensor] | None:
+    """One matrix (a stack of experts or a Linear) as the decode kernel takes it: quantized layers and stacks
+    give [weights, scales] (`operands()`), the others [weight]."""
+    if m is None or isinstance(m, Tensor):
+        return None if m is None else [m]
+    return list(m.operands()) if hasattr(m, "operands") else [m.weight]
 
 
 def use_static_dispatch(model: nn.Module) -> bool:

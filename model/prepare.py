@@ -83,6 +83,8 @@ def _linears(model: nn.Module, s: Speedups, strict: bool, out: Prepared) -> None
         n = len(done) if done else quantizer.quantize(model)
         out.linears = s.quantize
         out.notes.append(f"quantized {n} Linear layers and the MoE experts to {s.quantize}")
+        if layers := gemv.use_moe_kernel(model):
+            out.notes.append(f"MoE decode of {layers} layers in one kernel call each")
         return
     if s.pack is None and gemv.can_use(model) and (n := gemv.use_gemv(model)):
         out.linears = "few-row kernel"

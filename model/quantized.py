@@ -3,12 +3,13 @@
 Glossary: M rows of input (batch x tokens), I in_features, O out_features, E experts.
 
 Why: decoding streams every weight once per step, so at small batch a step costs the bytes of the weights.
-Int8 weights are a quarter of fp32's bytes (half of bf16's). Each output row keeps one scale (symmetric,
+Int8 weights are a quarter of fp32's bytes (half of bf16's). Each output row keeps one fp32 scale (symmetric,
 per-channel: w ~= q * s, q in [-127, 127], s = max|w_row| / 127), the scheme of llama.cpp's Q8_0 with one
-block per row instead of per 32 weights. Decode-sized products (up to 64 rows) run in PyTorch's int8
-weight-only kernel `torch._weight_int8pack_mm`, which converts the int8 weights inside the kernel, so the
-bytes read per step are the int8 ones; larger products (prefill, big batches) dequantize the weight for one
-GEMM. Outputs keep the model's dtype. `int8_linear_reference` is the plain product a test holds both equal to.
+block per row instead of per 32 weights. Decode-sized products (up to 16 rows) run in gemv.cpp's int8
+kernel, which converts the int8 weights in registers and sums in fp32, so a step reads the int8 bytes and
+nothing else; the MoE experts' decode step runs in moe_decode.cpp on the same inner loops. Larger products
+(prefill, big batches) dequantize the weight for one GEMM in x's dtype, as do CPUs without a C++ compiler.
+Outputs keep the model's dtype. `int8_linear_reference` is the plain product a test holds both equal to.
 
 Quantized weights are not saved: quantizing is a load-time step for serving, like oneDNN packing.
 """
@@ -24,15 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gemv
 from .packed import called_linears, replace_experts
 from .weights import Node, as_node
 
 QMAX = 127
-# Rows (batch x tokens) up to which the int8 kernel multiplies; past it, the weight is dequantized for one GEMM.
-# The kernel turns compute-bound as rows grow: up to 64 rows it beats dequantize + GEMM on the 130m-size model's
-# shapes, past that it loses (bench/results/README.md, "int8"), so decode batches take the kernel and prefill
-# chunks the GEMM.
-KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS = 16  # gemv.cpp's MAX_ROWS: decode batches take the kernel, prefill chunks the GEMM
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,49 +45,28 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def kernel_takes(rows: int, in_features: int) -> bool:
-    """Whether `torch._weight_int8pack_mm` serves this product. It runs with bf16 activations: its fp32 path
-    streams far slower than its bf16 one, and its bf16 path returns garbage (or crashes) unless
-    in_features is a multiple of 16 (torch 2.13, checked against the reference for 16 to 1,536)."""
-    return rows <= KERNEL_MAX_ROWS and in_features % 16 == 0
-
-
-@torch.library.custom_op("aetheris::int8_mm", mutates_args=())
-def int8_mm(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """x (M, I) bf16 @ (q * scale)^T -> (M, O) bf16. A custom op so that torch.compile calls the kernel as it is
-    (inductor's own lowering of it asserts on a fused input in torch 2.13)."""
-    return torch._weight_int8pack_mm(x.contiguous(), q, scale)
-
-
-@int8_mm.register_fake
-def _(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], q.shape[0]))  # (M, O)
+def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """q (..., O, I), scale (..., O) -> w (..., O, I) in `dtype`."""
+    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
 
 
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., I) @ (q * scale)^T + bias -> (..., O), in x's dtype. A few rows go through the int8 kernel in
-    bf16 (x and the output rounded to bf16, fp32 accumulation); more rows through the dequantized weight in
-    x's dtype."""
+    """x (..., I) @ (q * scale)^T + bias -> (..., O), in x's dtype: a few rows through the kernel (fp32 sums),
+    more through the weight dequantized to x's dtype and one GEMM."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, I)
-    if kernel_takes(x2.shape[0], shape[-1]):
-        y = int8_mm(x2.to(torch.bfloat16), q, scale.to(torch.bfloat16))  # (M, O)
-        y = y.to(x.dtype)
+    if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and gemv.loaded():
+        y = torch.ops.aetheris_gemv.int8_mm(x2, q, scale).to(x.dtype)  # (M, O)
     else:
-        y = F.linear(x2, (q.to(scale.dtype) * scale.unsqueeze(-1)).to(x.dtype))  # (M, O)
+        y = F.linear(x2, dequantize_rows(q, scale, x.dtype))  # (M, O)
     y = y.reshape(*shape[:-1], q.shape[0])  # (..., O)
     return y if bias is None else y + bias
 
 
 def int8_linear_reference(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """The same product the obvious way, in fp32 through the dequantized weight, with x and the output rounded
-    as the kernel path rounds them."""
-    if kernel_takes(x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1]):
-        w = q.float() * scale.to(torch.bfloat16).float().unsqueeze(-1)  # (O, I)
-        y = F.linear(x.to(torch.bfloat16).float(), w).to(torch.bfloat16)
-    else:
-        y = F.linear(x.float(), q.float() * scale.float().unsqueeze(-1))
-    return y.to(x.dtype) if bias is None else y.to(x.dtype) + bias
+    """The same product the obvious way: dequantize in fp32, multiply in fp32, round to x's dtype once."""
+    y = F.linear(x.float(), dequantize_rows(q, scale))
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -101,16 +78,19 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight)  # (O, I) int8
-        self.register_buffer("scale", scale)  # (O,) in the model's dtype
+        self.register_buffer("scale", scale)  # (O,) fp32
         self.bias = bias
 
     @classmethod
     def quantize(cls, weight: Tensor, bias: Tensor | None) -> Int8Linear:
-        q, scale = quantize_rows(weight)
-        return cls(q, scale.to(weight.dtype), None if bias is None else bias.detach())
+        gemv.load()  # built before the first product, not inside a compiled one
+        return cls(*quantize_rows(weight), None if bias is None else bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
         return int8_linear(x, self.qweight, self.scale, self.bias)  # (..., O)
+
+    def operands(self) -> tuple[Tensor, Tensor]:
+        return self.qweight, self.scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -126,21 +106,24 @@ class Int8Experts(nn.Module):
     def __init__(self, qweight: Tensor, scale: Tensor) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)  # (E, O, I) int8
-        self.register_buffer("scale", scale)  # (E, O)
+        self.register_buffer("scale", scale)  # (E, O) fp32
 
     @classmethod
     def quantize(cls, stacked: Node, dtype: torch.dtype) -> Int8Experts:
         """One expert at a time: the full-precision stack is never whole in memory (`stacked` may be a node of
         the checkpoint, read expert by expert)."""
+        gemv.load()
         q = torch.empty(stacked.shape, dtype=torch.int8)  # (E, O, I)
-        scale = torch.empty(stacked.shape[:2], dtype=dtype)  # (E, O)
+        scale = torch.empty(stacked.shape[:2])  # (E, O)
         for e in range(stacked.shape[0]):
-            qe, se = quantize_rows(stacked[e].load().to(dtype))
-            q[e], scale[e] = qe, se.to(dtype)
+            q[e], scale[e] = quantize_rows(stacked[e].load().to(dtype))
         return cls(q, scale)
 
     def __getitem__(self, e: int) -> tuple[Tensor, Tensor]:
         return self.qweight[e], self.scale[e]
+
+    def operands(self) -> tuple[Tensor, Tensor]:
+        return self.qweight, self.scale
 
 
 def int8_expert_linear(x: Tensor, weight: tuple[Tensor, Tensor], bias: Tensor | None) -> Tensor:
@@ -179,7 +162,7 @@ INT8 = Quantizer(
     Int8Linear.quantize,
     Int8Experts.quantize,
     int8_expert_linear,
-    lambda shape, dtype: math.prod(shape) + math.prod(shape[:-1]) * dtype.itemsize,
+    lambda shape, dtype: math.prod(shape) + math.prod(shape[:-1]) * 4,
 )
 
 

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from model import gemv
 from model.checkpoint import save_checkpoint
+from model.int4 import INT4, dequantize_int4
 from model.moe import MoE, SigmoidMoE, moe_reference
+from model.quantized import INT8, dequantize_rows, int8_linear_reference, quantize_rows
 from tests.helpers import LAYOUTS, assert_states_close, tiny
 
 
@@ -83,16 +85,73 @@ def test_moe_decode_equals_the_definition(build, kind, dims, dtype):
     ref32.load_state_dict({n: p.to(dtype).float() if n != "router_bias" else p for n, p in exact.items()})
     op = getattr(torch.ops, build).moe_decode
     s = moe.shared_mlp
-    shared = [
-        getattr(s, n).weight if s is not None and hasattr(s, n) else None for n in ("gate_proj", "up_proj", "down_proj")
-    ]
+    shared = (
+        []
+        if s is None
+        else [getattr(s, n).weight if hasattr(s, n) else None for n in ("gate_proj", "up_proj", "down_proj")]
+    )
     for tokens in (1, 2, 5, 16):
         x = torch.randn(tokens, dims[0])
         r = ref32.route(x.to(dtype).float())
-        got = op(x.to(dtype), r.experts, r.weights, moe.gate_proj, moe.up_proj, moe.down_proj, *shared)
+        got = op(x.to(dtype), r.experts, r.weights, [moe.gate_proj, moe.up_proj, moe.down_proj], shared)
         assert got.shape == x.shape and got.dtype == dtype
         want = moe_reference(ref32, x.to(dtype).float())
         torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
+def _dequantized(m) -> torch.Tensor:
+    """A quantized Linear or expert stack's weights as the fp32 values they stand for."""
+    w, scale = m.operands()
+    if w.dtype == torch.int8:
+        return dequantize_rows(w, scale)
+    return torch.stack(
+        [dequantize_int4(p, sc) for p, sc in zip(w.reshape(-1, *w.shape[-2:]), scale.reshape(-1, *scale.shape[-2:]))]
+    ).reshape(*w.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize(
+    "quantizer, dims", [(INT8, (64, 96, 128)), (INT8, (37, 21, 19)), (INT4, (64, 128, 64)), (INT4, (128, 64, 0))]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_moe_decode_equals_its_dequantized_reference(build, kind, quantizer, dims, dtype):
+    """int8 and int4 experts (routed and shared) in one call against moe_reference on the dequantized weights
+    in fp32: the kernel widens x, sums in fp32 and rounds once at the end (int4 with bf16 tokens keeps h in
+    bf16, the model's own rounding)."""
+    torch.manual_seed(0)
+    moe = _moe(kind, *dims)
+    ref = _moe(kind, *dims)
+    ref.load_state_dict(moe.state_dict())
+    quantizer.quantize(moe)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if getattr(ref, name) is not None:
+            getattr(ref, name).data = _dequantized(getattr(moe, name))
+        if ref.shared_mlp is not None and hasattr(ref.shared_mlp, name):
+            getattr(ref.shared_mlp, name).weight.data = _dequantized(getattr(moe.shared_mlp, name))
+    routed, shared = moe.kernel_operands()
+    op = getattr(torch.ops, build).moe_decode
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for tokens in (1, 3, 16):
+        x = torch.randn(tokens, dims[0]).to(dtype)
+        r = ref.route(x.float())
+        got = op(x, r.experts, r.weights, routed, shared)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), moe_reference(ref, x.float()), **tol)
+
+
+@pytest.mark.parametrize("out_in", [(37, 64), (8, 50), (261, 768)])
+def test_int8_kernel_equals_the_reference(build, out_in):
+    """Tiles of 4, 2 and 1 tokens, rows not a whole block, in_features not a multiple of 16 (the portable
+    loop), fp32 and bf16 tokens."""
+    o, i = out_in
+    q, scale = quantize_rows(torch.randn(o, i) / i**0.5)
+    op = getattr(torch.ops, build).int8_mm
+    for m in (1, 2, 3, 5, 16):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, i).to(dtype)
+            torch.testing.assert_close(
+                op(x, q, scale), int8_linear_reference(x.float(), q, scale), **TOL[torch.float32]
+            )
 
 
 def test_kernel_refuses_what_it_cannot_multiply():
@@ -110,13 +169,14 @@ def test_kernel_refuses_what_it_cannot_multiply():
     moe = _moe("softmax", 16, 8, 0)
     x, experts, weights = torch.randn(2, 16), torch.tensor([[0, 9], [1, 2]]), torch.ones(2, 2)
     with pytest.raises(RuntimeError, match="expert id 9 of 8"):
-        torch.ops.aetheris_gemv.moe_decode(
-            x, experts, weights, moe.gate_proj, moe.up_proj, moe.down_proj, None, None, None
-        )
+        torch.ops.aetheris_gemv.moe_decode(x, experts, weights, [moe.gate_proj, moe.up_proj, moe.down_proj], [])
     with pytest.raises(RuntimeError, match="moe_decode: experts"):
         torch.ops.aetheris_gemv.moe_decode(
-            x.bfloat16(), experts % 8, weights, moe.gate_proj, moe.up_proj, moe.down_proj, None, None, None
+            x.bfloat16(), experts % 8, weights, [moe.gate_proj, moe.up_proj, moe.down_proj], []
         )
+    with pytest.raises(RuntimeError, match="6 weight tensors"):  # int8 experts without their scales
+        q = [w.to(torch.int8) for w in (moe.gate_proj, moe.up_proj, moe.down_proj)]
+        torch.ops.aetheris_gemv.moe_decode(x, experts % 8, weights, q, [])
     with pytest.raises(ValueError, match="float32 / bfloat16"):
         gemv.GemvLinear(torch.nn.Linear(16, 8).half())
     with pytest.raises(ValueError, match="float32 or bfloat16"):

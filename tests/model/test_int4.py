@@ -11,9 +11,11 @@ from model import gemv
 from model.int4 import GROUP, INT4, dequantize_int4, int4_linear, int4_linear_reference, quantize_int4
 from tests.helpers import tiny
 
-# namespace -> (compiler flags, the int4 kernel that build takes): this CPU's own, then AVX2, then plain loops.
+# namespace -> (compiler flags, the int4 kernel that build takes): this CPU's own, without AVX512-BF16, then
+# AVX2, then plain loops.
 BUILDS = {
     "aetheris_gemv": (gemv.NATIVE, None),
+    "aetheris_gemv_no_bf16": (("-march=native", "-mno-avx512bf16"), None),
     "aetheris_gemv_avx2": (("-march=native", "-mno-avx512f"), "avx2"),
     "aetheris_gemv_plain": (("-march=native", "-mno-avx512f", "-mno-avx2", "-mno-fma"), "portable"),
 }
@@ -38,7 +40,10 @@ def test_packing_and_error_bound():
 def build(request):
     flags, kernel = BUILDS[request.param]
     assert gemv.load(flags, request.param), "the kernel must build wherever a C++ compiler is present"
-    native = "avx512" if "avx512f" in open("/proc/cpuinfo").read() else "avx2"
+    flags_line = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    native = "avx512" if "avx512f" in flags_line else "avx2"
+    if native == "avx512" and "avx512_bf16" in flags_line and request.param == "aetheris_gemv":
+        native = "avx512_bf16"  # bf16 tokens multiply as they are
     assert getattr(torch.ops, request.param).int4_kernel() == (kernel or native)
     return request.param
 

@@ -105,3 +105,32 @@ def test_compiling_needs_the_python_headers_and_the_devices_compiler(monkeypatch
     assert prepare.missing_compiler(torch.device("cuda")) == "no C compiler (gcc / clang) on PATH"
     found.add("gcc")
     assert prepare.missing_compiler(torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_moe_decode_runs_in_one_kernel_call_as_its_reference(quantize, dtype):
+    """--quantize hands each MoE layer's decode step to moe_decode.cpp (routed and shared experts in one
+    format), and its steps equal the same weights through the grouped dispatch and the plain reference
+    products (dequantize, multiply in fp32)."""
+    import model.int4 as int4
+    import model.quantized as int8
+
+    assert gemv.load()
+    torch.manual_seed(0)
+    model = tiny("mamba2-hybrid", d_model=64, d_ff=64, shared_d_ff=128).cast(dtype)
+    done = prepare_for_inference(model, Speedups(quantize=quantize, compile=False))
+    layers = model.moe_layers().values()
+    assert layers and all(m.kernel_step for m in layers) and "one kernel call" in done.notes[1]
+    tokens = torch.tensor([[3, 9, 27, 81, 17, 51], [5, 7, 11, 13, 17, 19]])
+    with torch.no_grad():
+        _, state = model.prefill(tokens, model.empty_state(2).with_capacity(16))
+        got, _ = model.decode(torch.tensor([5, 6]), state.clone())
+        for m in layers:
+            m.kernel_step = False
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(int8, "int8_linear", int8.int8_linear_reference)
+            mp.setattr(int4, "int4_linear", int4.int4_linear_reference)
+            want, _ = model.decode(torch.tensor([5, 6]), state.clone())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(got, want, **tol)

@@ -1,4 +1,4 @@
-"""Weight-only int8 (model/quantized.py): PyTorch's int8 kernel against the dequantized reference, alone and in
+"""Weight-only int8 (model/quantized.py): the int8 kernel (gemv.cpp) against the dequantized reference, alone and in
 every model layout, and the quantization error it buys."""
 
 import pytest
@@ -9,7 +9,6 @@ from model.quantized import (
     Int8Experts,
     Int8Linear,
     int8_linear_reference,
-    kernel_takes,
     quantize_int8,
     quantize_rows,
 )
@@ -30,22 +29,17 @@ def test_rows_round_to_within_half_a_step():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("in_features", [80, 72])  # 72: not a multiple of 16, the kernel's limit
+@pytest.mark.parametrize("in_features", [80, 72])  # 72: not a multiple of 16, the portable loop
 def test_int8_linear_equals_reference(dtype, bias, in_features):
     linear = torch.nn.Linear(in_features, 40, bias=bias).to(dtype)
     layer = Int8Linear.quantize(linear.weight, linear.bias)
     for shape in [(in_features,), (1, in_features), (5, in_features), (2, 3, in_features), (80, in_features)]:
         x = torch.randn(shape, dtype=dtype)
-        got = layer(x)  # up to 64 rows: the int8 kernel where it applies; 80 rows: dequantize + GEMM
+        got = layer(x)  # up to 16 rows: the int8 kernel; 80 rows: dequantize + GEMM
         assert got.shape == (*shape[:-1], 40) and got.dtype == dtype
         torch.testing.assert_close(got, int8_linear_reference(x, layer.qweight, layer.scale, layer.bias), **TOL[dtype])
         # and it approximates the original weights to int8's precision
         torch.testing.assert_close(got.float(), linear(x).float(), atol=0.05, rtol=0.05)
-
-
-def test_kernel_serves_decode_sized_products():
-    assert kernel_takes(1, 768) and kernel_takes(64, 768)
-    assert not kernel_takes(65, 768) and not kernel_takes(1, 72)
 
 
 def test_inside_torch_compile():
