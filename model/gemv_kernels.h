@@ -341,30 +341,34 @@ inline void rows_q4(const uint8_t* p, const uint16_t* s, const float* x, float* 
 // by its bits: 0x4300 | u is 128 + u (bf16 keeps 7 fraction bits, so 128..255 are whole numbers). A group's sum
 // is then s * (sum (128 + u) x - 136 sum x) = s * sum (u - 8) x, sum x taken by the same instruction against
 // ones, once per token for the R rows. Needs G % 64 == 0.
-template <int T>
+template <int T, int RR = R>
 void int4_tile_bf16(const uint8_t* p, const uint16_t* s, const uint16_t* x, float* y, int64_t I, int64_t O,
                     int64_t G, int64_t o) {
   constexpr int64_t GC = 64;  // groups whose scales are widened at a time, into sc (broadcast from memory)
-  alignas(64) float sc[R][GC];
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
+  alignas(64) float sc[RR][GC];
+  __m512 acc[RR][T];
+  for (int r = 0; r < RR; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   const int64_t H = G / 2, groups = I / G;
   const __m512i bias = _mm512_set1_epi16(0x4300), ones = _mm512_set1_epi16(0x3f80);  // bf16 1.0
   const __m512i low = _mm512_set1_epi16(15);
   for (int64_t g0 = 0; g0 < groups; g0 += GC) {
     const int64_t gn = std::min(GC, groups - g0);
-    for (int r = 0; r < R; ++r)
-      for (int64_t g = 0; g < gn; ++g) sc[r][g] = widen(s[(o + r) * groups + g0 + g]);
+    for (int r = 0; r < RR; ++r)  // bf16 -> fp32, 16 scales at a time
+      for (int64_t g = 0; g < gn; g += 16) {
+        __mmask16 k = gn - g >= 16 ? 0xFFFF : __mmask16((1u << (gn - g)) - 1);
+        __m256i b = _mm256_maskz_loadu_epi16(k, s + (o + r) * groups + g0 + g);
+        _mm512_store_si512(&sc[r][g], _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+      }
     for (int64_t g = g0; g < g0 + gn; ++g) {
       const uint16_t* xg = x + g * G;
-      __m512 gacc[R][T];
+      __m512 gacc[RR][T];
       for (int t = 0; t < T; ++t) {  // each sum starts at -136 sum x (see above)
         __m512 xs = _mm512_setzero_ps();
         for (int64_t j = 0; j < G; j += 32)
           xs = _mm512_dpbf16_ps(xs, (__m512bh)ones, (__m512bh)_mm512_loadu_si512(xg + t * I + j));
         xs = _mm512_mul_ps(xs, _mm512_set1_ps(-136.f));
-        for (int r = 0; r < R; ++r) gacc[r][t] = xs;
+        for (int r = 0; r < RR; ++r) gacc[r][t] = xs;
       }
       for (int64_t j = 0; j < H; j += 32) {
         __m512bh xl[T], xh[T];
@@ -372,7 +376,7 @@ void int4_tile_bf16(const uint8_t* p, const uint16_t* s, const uint16_t* x, floa
           xl[t] = (__m512bh)_mm512_loadu_si512(xg + t * I + j);
           xh[t] = (__m512bh)_mm512_loadu_si512(xg + t * I + j + H);
         }
-        for (int r = 0; r < R; ++r) {
+        for (int r = 0; r < RR; ++r) {
           // one byte per 16-bit lane; (lane & 15) | 0x4300 in one ternary-logic op (0xEA: (A & B) | C)
           const uint8_t* pb = p + (o + r) * (I / 2) + g * H + j;
           __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb)));
@@ -384,11 +388,11 @@ void int4_tile_bf16(const uint8_t* p, const uint16_t* s, const uint16_t* x, floa
           }
         }
       }
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < RR; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(gacc[r][t], _mm512_set1_ps(sc[r][g - g0]), acc[r][t]);
     }
   }
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < RR; ++r)
     for (int t = 0; t < T; ++t) y[t * O + o + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 #endif
@@ -406,6 +410,11 @@ constexpr bool int4_takes_bf16(int64_t G) {
 inline void rows_q4(const uint8_t* p, const uint16_t* s, const uint16_t* x, float* y, int64_t M, int64_t I, int64_t O,
                     int64_t G, int64_t o0, int64_t o1) {
 #if defined(__AVX512BF16__)
+  if (M == 1)  // 8 rows at a time: more independent sums and streams in flight at one token
+    for (; o0 + 2 * R <= o1; o0 += 2 * R) {
+      prefetch_rows(p + (o0 + 2 * R) * (I / 2), std::min(2 * R, o1 - o0 - 2 * R) * (I / 2));
+      int4_tile_bf16<1, 2 * R>(p, s, x, y, I, O, G, o0);
+    }
   for (; o0 + R <= o1; o0 += R) {
     prefetch_rows(p + (o0 + R) * (I / 2), std::min(R, o1 - o0 - R) * (I / 2));
     int64_t m = 0;

@@ -92,14 +92,14 @@ at::Tensor run_moe(Format f, const std::vector<Segment>& segs, const X* xs, cons
   at::Tensor out = at::zeros({T, D}, fp32);
   X* h = reinterpret_cast<X*>(hb.data_ptr());
   float *gb = g.data_ptr<float>(), *ub = u.data_ptr<float>(), *yb = ys.data_ptr<float>(), *ob = out.data_ptr<float>();
-  std::vector<std::pair<int64_t, int64_t>> work;  // pass 1: (segment, first row of an R-row block)
+  std::vector<std::pair<int64_t, int64_t>> work;  // pass 1: (segment, first row of a block of 2R rows)
   for (int64_t i = 0; i < int64_t(segs.size()); ++i)
-    for (int64_t o = 0; o < segs[i].F; o += R) work.emplace_back(i, o);
+    for (int64_t o = 0; o < segs[i].F; o += 2 * R) work.emplace_back(i, o);
   at::parallel_for(0, int64_t(work.size()), 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const Segment& s = segs[work[w].first];
       int64_t o = work[w].second;
-      gate_up(f, s, xs, gb + s.h, ub + s.h, h, D, o, std::min(o + R, s.F));
+      gate_up(f, s, xs, gb + s.h, ub + s.h, h, D, o, std::min(o + 2 * R, s.F));
     }
   });
   at::parallel_for(0, (D + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
