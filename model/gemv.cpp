@@ -76,8 +76,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
-// x (M, I) fp32 or bf16 @ (q * scale)^T -> (M, O) fp32: q (O, I) int8, scale (O,) fp32; few rows only
-// (model/quantized.py dequantizes for more).
+// x (M, I) fp32 or bf16 @ (q * scale)^T -> (M, O) fp32: q (O, I) int8, scale (O,) fp32; few rows only.
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "int8: weight");
   TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
@@ -95,29 +94,62 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return y;
 }
 
-// packed (O, I/2), scales (O, I/G) -> the weight (O, I) in fp32 or bf16, one pass (prefill's GEMM reads it).
+// packed (O, I/2), scales (O, I/G) -> the weight (O, I) in fp32 or bf16 (each value rounded once), one pass
+// (prefill's GEMM reads it).
+template <typename T>
+void int4_dequant_rows(const uint8_t* p, const uint16_t* s, T* w, int64_t I, int64_t group, int64_t o0, int64_t o1) {
+  const int64_t H = group / 2, groups = I / group;
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* b = p + o * (I / 2) + g * H;
+      const float sc = widen(s[o * groups + g]);
+      T* wg = w + o * I + g * group;
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) {
+        wg[j] = T(float(int(b[j] & 15) - 8) * sc);
+        wg[j + H] = T(float(int(b[j] >> 4) - 8) * sc);
+      }
+    }
+}
+
 at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, int64_t group, at::ScalarType dtype) {
   TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kBFloat16, "int4");
-  int64_t O = packed.size(0), I = packed.size(1) * 2, H = group / 2, groups = I / group;
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_dequant: float32 or bfloat16");
-  at::Tensor out = at::empty({O, I}, packed.options().dtype(at::kFloat));
+  const int64_t O = packed.size(0), I = packed.size(1) * 2;
+  at::Tensor out = at::empty({O, I}, packed.options().dtype(dtype));
   auto p = packed.const_data_ptr<uint8_t>();
   auto s = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::BFloat16>());
-  float* w = out.data_ptr<float>();
   at::parallel_for(0, O, 64, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o)
-      for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t* b = p + o * (I / 2) + g * H;
-        float sc = widen(s[o * groups + g]);
-        float* wg = w + o * I + g * group;
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) {
-          wg[j] = float(int(b[j] & 15) - 8) * sc;
-          wg[j + H] = float(int(b[j] >> 4) - 8) * sc;
-        }
-      }
+    if (dtype == at::kFloat) int4_dequant_rows(p, s, out.data_ptr<float>(), I, group, o0, o1);
+    else int4_dequant_rows(p, s, out.data_ptr<at::BFloat16>(), I, group, o0, o1);
   });
-  return dtype == at::kFloat ? out : out.to(dtype);
+  return out;
+}
+
+// q (..., O, I) int8, scale (..., O) fp32 -> the weight in fp32 or bf16 (each value rounded once), one pass.
+at::Tensor int8_dequant(const at::Tensor& q, const at::Tensor& scale, at::ScalarType dtype) {
+  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kChar && scale.is_contiguous() &&
+              scale.scalar_type() == at::kFloat && scale.numel() * q.size(-1) == q.numel(), "int8_dequant");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_dequant: float32 or bfloat16");
+  const int64_t I = q.size(-1), O = scale.numel();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  const int8_t* w = q.const_data_ptr<int8_t>();
+  const float* s = scale.const_data_ptr<float>();
+  at::parallel_for(0, O, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int8_t* row = w + o * I;
+      const float sc = s[o];
+      if (dtype == at::kFloat) {
+        float* d = out.data_ptr<float>() + o * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) d[i] = float(row[i]) * sc;
+      } else {
+        at::BFloat16* d = out.data_ptr<at::BFloat16>() + o * I;
+        for (int64_t i = 0; i < I; ++i) d[i] = at::BFloat16(float(row[i]) * sc);
+      }
+    }
+  });
+  return out;
 }
 
 // Which inner kernel serves int4 weights in this build (with bf16 tokens where it says avx512_bf16).
@@ -150,6 +182,7 @@ TORCH_LIBRARY(AETHERIS_NS, m) {
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales, int group) -> Tensor");
   m.def("int4_kernel() -> str", &int4_kernel);
   m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("int8_dequant(Tensor q, Tensor scale, ScalarType dtype) -> Tensor");
   m.def("int4_dequant(Tensor packed, Tensor scales, int group, ScalarType dtype) -> Tensor");
 }
 
@@ -157,5 +190,6 @@ TORCH_LIBRARY_IMPL(AETHERIS_NS, CPU, m) {
   m.impl("linear", &linear);
   m.impl("int4_mm", &int4_mm);
   m.impl("int8_mm", &int8_mm);
+  m.impl("int8_dequant", &int8_dequant);
   m.impl("int4_dequant", &int4_dequant);
 }

@@ -104,6 +104,7 @@ def load(isa_flags: tuple[str, ...] = NATIVE, namespace: str = NAMESPACE) -> boo
                 torch.library.register_fake(f"{namespace}::int4_mm")(_quantized_mm_shape)
                 torch.library.register_fake(f"{namespace}::int8_mm")(_quantized_mm_shape)
                 torch.library.register_fake(f"{namespace}::int4_dequant")(_int4_dequant_shape)
+                torch.library.register_fake(f"{namespace}::int8_dequant")(_int8_dequant_shape)
                 torch.library.register_fake(f"{namespace}::moe_decode")(_moe_decode_shape)
                 _loaded[namespace] = True
             except (RuntimeError, OSError) as e:
@@ -128,6 +129,10 @@ def _quantized_mm_shape(x: Tensor, weight: Tensor, scales: Tensor, *group: int) 
 
 def _int4_dequant_shape(packed: Tensor, scales: Tensor, group: int, dtype: torch.dtype) -> Tensor:
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)  # (O, I)
+
+
+def _int8_dequant_shape(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(q, dtype=dtype)  # (..., O, I)
 
 
 def _moe_decode_shape(x: Tensor, *args) -> Tensor:

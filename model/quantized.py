@@ -8,7 +8,8 @@ per-channel: w ~= q * s, q in [-127, 127], s = max|w_row| / 127), the scheme of 
 block per row instead of per 32 weights. Decode-sized products (up to 16 rows) run in gemv.cpp's int8
 kernel, which converts the int8 weights in registers and sums in fp32, so a step reads the int8 bytes and
 nothing else; the MoE experts' decode step runs in moe_decode.cpp on the same inner loops. Larger products
-(prefill, big batches) dequantize the weight for one GEMM in x's dtype, as do CPUs without a C++ compiler.
+(prefill) dequantize the weight in one pass (gemv.cpp) for one GEMM in x's dtype, as do CPUs without a C++
+compiler (in PyTorch ops).
 Outputs keep the model's dtype. `int8_linear_reference` is the plain product a test holds both equal to.
 
 Quantized weights are not saved: quantizing is a load-time step for serving, like oneDNN packing.
@@ -30,7 +31,9 @@ from .packed import called_linears, replace_experts
 from .weights import Node, as_node
 
 QMAX = 127
-KERNEL_MAX_ROWS = 16  # gemv.cpp's MAX_ROWS: decode batches take the kernel, prefill chunks the GEMM
+# gemv.cpp's MAX_ROWS: past it the one-pass dequantization and one GEMM beat the kernel, which turns
+# compute-bound as rows grow (bench/results/README.md, "int8").
+KERNEL_MAX_ROWS = 16
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,8 +58,11 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None)
     more through the weight dequantized to x's dtype and one GEMM."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, I)
-    if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and gemv.loaded():
+    kernel = x.device.type == "cpu" and gemv.loaded()
+    if kernel and x2.shape[0] <= KERNEL_MAX_ROWS:
         y = torch.ops.aetheris_gemv.int8_mm(x2, q, scale).to(x.dtype)  # (M, O)
+    elif kernel:
+        y = F.linear(x2, torch.ops.aetheris_gemv.int8_dequant(q, scale, x.dtype))  # (M, O)
     else:
         y = F.linear(x2, dequantize_rows(q, scale, x.dtype))  # (M, O)
     y = y.reshape(*shape[:-1], q.shape[0])  # (..., O)

@@ -4,10 +4,12 @@ every model layout, and the quantization error it buys."""
 import pytest
 import torch
 
+from model import gemv
 from model.checkpoint import save_checkpoint
 from model.quantized import (
     Int8Experts,
     Int8Linear,
+    dequantize_rows,
     int8_linear_reference,
     quantize_int8,
     quantize_rows,
@@ -109,3 +111,14 @@ def test_a_large_weight_is_quantized_in_row_blocks_to_the_same_result():
     want_scale = w.abs().amax(dim=-1) / 127
     torch.testing.assert_close(scale, want_scale)
     assert torch.equal(q, torch.round(w / want_scale[:, None]).clamp(-127, 127).to(torch.int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_pass_dequantization_equals_the_definition(dtype):
+    """gemv.cpp's int8_dequant (what prefill's GEMM reads) gives q * scale rounded once, for a weight and an
+    expert stack."""
+    assert gemv.load()
+    for shape in [(37, 72), (3, 16, 40)]:
+        q, scale = quantize_rows(torch.randn(shape))
+        got = torch.ops.aetheris_gemv.int8_dequant(q, scale, dtype)
+        assert got.dtype == dtype and torch.equal(got, dequantize_rows(q, scale, dtype))
