@@ -7,9 +7,10 @@ Each row of a weight is cut into groups of G consecutive inputs; a group keeps o
 and its weights as q = round(w / s) in [-7, 7], two to a byte: byte j of a group holds q[j] + 8 in its low
 nibble and q[j + G/2] + 8 in its high one (llama.cpp's Q4_0 layout, symmetric). That is 4 bits per weight
 plus 16 bits per group: 4.25 bits at G = 64. Decode-sized products (up to 16 rows) run in gemv.cpp's int4
-kernel, which unpacks each group in registers, so a step reads the packed bytes and nothing else; larger
-products (prefill) dequantize the weight for one GEMM. `int4_linear_reference` is the plain
-dequantize-then-matmul a test holds both equal to.
+kernel, which unpacks each group in registers, so a step reads the packed bytes and nothing else (bf16 tokens,
+where the CPU has AVX512-BF16, multiply as they are: docs/architecture.md says how); the MoE experts' decode
+step runs in moe_decode.cpp on the same inner loops. Larger products (prefill) dequantize the weight for one
+GEMM. `int4_linear_reference` is the plain dequantize-then-matmul a test holds both equal to.
 
 A Linear whose in_features is not a multiple of G stays in the model's dtype (it is small: none of the
 projections of the families served is).

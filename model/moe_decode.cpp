@@ -138,9 +138,19 @@ struct Operands {
       TORCH_CHECK(i == 0 || w[i], "moe_decode: up and down weights are required");
       if (!w[i]) continue;
       TORCH_CHECK(w[i]->is_contiguous() && format_of(*w[i]) == f, "moe_decode: experts of one format, contiguous");
-      TORCH_CHECK(arity == 1 || (s[i] && s[i]->is_contiguous() && s[i]->size(0) == w[i]->size(0)),
+      if (arity == 1) continue;
+      const int64_t rows = w[i]->numel() / w[i]->size(-1), per_row = s[i] ? s[i]->numel() / std::max<int64_t>(rows, 1) : 0;
+      TORCH_CHECK(s[i] && s[i]->is_contiguous() && s[i]->numel() == rows * per_row && s[i]->size(0) == w[i]->size(0),
                   "moe_decode: quantized weights need their scales");
+      TORCH_CHECK(f == Format::Q8 ? s[i]->scalar_type() == at::kFloat && per_row == 1
+                                  : s[i]->scalar_type() == at::kBFloat16 && per_row > 0 && in_features(i) % per_row == 0 &&
+                                        (in_features(i) / per_row) % 2 == 0,
+                  "moe_decode: int8 takes one fp32 scale per row, int4 one bf16 scale per even group");
     }
+  }
+
+  int64_t in_features(int i) const {  // I of matrix i: int4 packs two weights to a byte
+    return w[i]->size(-1) * (w[i]->scalar_type() == at::kByte ? 2 : 1);
   }
 
   Mat mat(int i, int64_t e) const {
@@ -178,7 +188,9 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "moe_decode: fp32 or bf16");
   TORCH_CHECK(f == Format::Q8 || f == Format::Q4 || x.scalar_type() == ops.w[1]->scalar_type(),
               "moe_decode: experts in x's dtype");
-  TORCH_CHECK(ops.w[2]->size(1) == D && ops.w[2]->size(0) == E, "moe_decode: expert shapes");
+  TORCH_CHECK(ops.w[2]->size(1) == D && ops.w[2]->size(0) == E && ops.in_features(1) == D && ops.in_features(2) == F &&
+                  (!ops.w[0] || ops.w[0]->sizes() == ops.w[1]->sizes()),
+              "moe_decode: expert shapes");
   // Activations: bf16 as its bits for bf16 weights and for int4 ones that take bf16 tokens, else fp32 (the
   // other quantized kernels widen x once).
   std::optional<Operands> sh;
@@ -209,7 +221,9 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   }
   if (has_shared) {
     const int64_t Fs = sh->hidden();
-    TORCH_CHECK(sh->w[2]->size(0) == D && sh->w[0].has_value() == ops.w[0].has_value(), "moe_decode: shared expert");
+    TORCH_CHECK(sh->w[2]->size(0) == D && sh->in_features(1) == D && sh->in_features(2) == Fs &&
+                    sh->w[0].has_value() == ops.w[0].has_value() && (!sh->w[0] || sh->w[0]->sizes() == sh->w[1]->sizes()),
+                "moe_decode: shared expert");
     segs.push_back({sh->mat(0, 0), sh->mat(1, 0), sh->mat(2, 0), Fs, row, T, h_total});
     for (int64_t t = 0; t < T; ++t) token[row] = t, ++row;
     h_total += T * Fs;

@@ -13,6 +13,7 @@ from model.checkpoint import save_checkpoint
 from model.int4 import INT4, dequantize_int4
 from model.moe import MoE, SigmoidMoE, moe_reference
 from model.quantized import INT8, dequantize_rows, int8_linear_reference, quantize_rows
+from model.weights import as_node
 from tests.helpers import LAYOUTS, assert_states_close, tiny
 
 
@@ -177,6 +178,9 @@ def test_kernel_refuses_what_it_cannot_multiply():
     with pytest.raises(RuntimeError, match="6 weight tensors"):  # int8 experts without their scales
         q = [w.to(torch.int8) for w in (moe.gate_proj, moe.up_proj, moe.down_proj)]
         torch.ops.aetheris_gemv.moe_decode(x, experts % 8, weights, q, [])
+    q, scale = INT8.experts(as_node(moe.up_proj.detach()), torch.float32).operands()  # (E, F, D), (E, F)
+    with pytest.raises(RuntimeError, match="one fp32 scale per row"):  # bf16 scales would be misread
+        torch.ops.aetheris_gemv.moe_decode(x, experts % 8, weights, [None, None, q, scale.bfloat16(), q, scale], [])
     with pytest.raises(ValueError, match="float32 / bfloat16"):
         gemv.GemvLinear(torch.nn.Linear(16, 8).half())
     with pytest.raises(ValueError, match="float32 or bfloat16"):
