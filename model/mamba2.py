@@ -64,6 +64,9 @@ def ssd_reference(
     return y, h
 
 
+CPU_CHUNK = 64  # the longest SSD chunk forward uses on a CPU (Mamba2Mixer.chunk_length)
+
+
 def segment_sum(a: Tensor) -> Tensor:
     """a (..., Q) -> S (..., Q, Q) with S[i, j] = a[j+1] + ... + a[i] for i >= j and -inf above the diagonal.
 
@@ -279,9 +282,15 @@ class Mamba2Mixer(nn.Module):
         x, B_ssm, C_ssm, dt = self._ssm_inputs(xBC, dt)
         A = -torch.exp(self.A_log.float())  # (H,)
         with torch.autocast(u.device.type, enabled=False):  # the SSM stays fp32 under autocast
-            y, h = ssd_chunked(x, dt, A, B_ssm, C_ssm, self.D, state["ssm"], self.chunk_size)  # (B, L, H, P)
+            y, h = ssd_chunked(x, dt, A, B_ssm, C_ssm, self.D, state["ssm"], self.chunk_length(u))  # (B, L, H, P)
         y = self.norm(y.reshape(Bsz, L, self.d_inner), z).to(z.dtype)  # (B, L, Di)
         return self.out_proj(y), {"conv": new_conv, "ssm": h}  # (B, L, D)
+
+    def chunk_length(self, u: Tensor) -> int:
+        """The SSD chunk forward uses: the checkpoint's, or at most CPU_CHUNK on a CPU. The quadratic part of a
+        chunk grows with its length, and on CPU a chunk of 64 is the faster for the usual 256 (the results do
+        not depend on it beyond rounding)."""
+        return min(self.chunk_size, CPU_CHUNK) if u.device.type == "cpu" else self.chunk_size
 
     def step(self, u: Tensor, state: dict[str, Tensor]) -> Tensor:
         """u: (B, D) one token per sequence -> out (B, D); conv (B, Di + 2GN, K) and ssm (B, H, P, N) advanced

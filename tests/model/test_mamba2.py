@@ -70,6 +70,22 @@ def test_chunked_equals_reference(L, chunk, G):
     assert all(torch.equal(a, b) for a, b in zip(args, before))
 
 
+def test_a_cpu_forward_scans_in_chunks_of_at_most_64_to_the_same_result():
+    """A checkpoint's chunk of 256 becomes 64 on the CPU (faster there); the output is the one a chunk of 256
+    gives, to rounding."""
+    from model.mamba2 import CPU_CHUNK
+
+    m = _mixer(chunk_size=256)
+    u = torch.randn(1, 150, SIZES["d_model"])
+    assert m.chunk_length(u) == CPU_CHUNK == 64 and _mixer(chunk_size=8).chunk_length(u) == 8
+    with torch.no_grad():
+        got, got_state = m(u)
+        m.chunk_length = lambda u: 256  # the checkpoint's chunk, as on a GPU
+        want, want_state = m(u)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got_state["ssm"], want_state["ssm"], **TOL)
+
+
 def test_chunked_gradients_equal_reference():
     """The chunked form is what training differentiates: its gradients are the reference's."""
     args = _ssd_inputs(L=19)
