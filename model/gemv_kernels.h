@@ -177,39 +177,13 @@ inline void rows_q8(const int8_t* w, const float* scale, const float* x, float* 
 //
 // packed (O, I/2) uint8 and scales (O, I/G) bf16: group g of row o is G weights; byte j of the group holds
 // weight j in its low nibble and weight j + G/2 in its high one, each stored as q + 8 (q in [-8, 7]).
-// x is widened to fp32 once per call. A row's group is unpacked once into scaled fp32 weights
-// (s * (u - 8) as one FMA on u) and multiplied against every token of a tile of up to 4 while in registers, so
-// the packed bytes are read once and the unpacking is shared by the tokens. AVX-512 and AVX2 forms, and a
-// portable loop for other CPUs (and groups that are not a multiple of 32).
-
-constexpr int64_t TT = 4;  // tokens per tile
+// With fp32 tokens (x widened once per call) a group is unpacked once into scaled fp32 weights (s * (u - 8) as one
+// FMA on u) and multiplied against every token of a tile while in registers, so the packed bytes are read once
+// and the unpacking is shared by the tokens: R rows x up to 2 tokens with AVX-512, one row x up to 4 tokens
+// with AVX2, and a portable loop for other CPUs, the last O % R rows, and groups that are not a multiple of
+// INT4_STEP. bf16 tokens have their own kernel at the end (AVX512-BF16).
 
 #if defined(__AVX512F__)
-// Tokens [t0, t0+T) of row o: 32-weight groups, 16 lanes.
-template <int T>
-void int4_tile(const uint8_t* row, const uint16_t* scale, const float* x, float* y, int64_t I, int64_t O,
-               int64_t G, int64_t o) {
-  __m512 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-  const int64_t H = G / 2, groups = I / G;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 s = _mm512_set1_ps(widen(scale[g]));
-    __m512 off = _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
-    for (int64_t j = 0; j < H; j += 16) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * H + j));
-      __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-      __m512 wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, off);
-      __m512 wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, off);
-      const float* xg = x + g * G + j;
-      for (int t = 0; t < T; ++t) {
-        acc[t] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xg + t * I), acc[t]);
-        acc[t] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xg + t * I + H), acc[t]);
-      }
-    }
-  }
-  for (int t = 0; t < T; ++t) y[t * O + o] = _mm512_reduce_add_ps(acc[t]);
-}
 constexpr int64_t INT4_STEP = 32;  // the group size the vector form needs a multiple of
 
 // Tokens [t0, t0+T) of rows o..o+R: the R rows' sums are independent chains, which a single row's are not
@@ -250,6 +224,8 @@ void int4_tile_rows(const uint8_t* p, const uint16_t* s, const float* x, float* 
     for (int t = 0; t < T; ++t) y[t * O + o + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 #elif defined(__AVX2__)
+constexpr int64_t TT = 4;  // tokens per tile
+
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -305,7 +281,7 @@ inline void int4_row(const uint8_t* p, const uint16_t* s, const float* x, float*
               int64_t G, int64_t o) {
   const uint8_t* row = p + o * (I / 2);
   const uint16_t* scale = s + o * (I / G);
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)  // AVX-512 builds take R rows at a time (rows_q4)
   if (G % INT4_STEP == 0) {
     int64_t m = 0;
     for (; m + TT <= M; m += TT) int4_tile<TT>(row, scale, x + m * I, y + m * O, I, O, G, o);
