@@ -4,8 +4,9 @@
 // Glossary: M rows of x (tokens), I in_features, O out_features; R weight rows per block.
 //
 // W (O, I) is row-major, fp32, bf16 or int8 (one fp32 scale per row, applied to the row's sums), x has W's
-// dtype (fp32 for int8), sums are fp32. Two inner kernels:
+// dtype (fp32 for int8), sums are fp32. Inner kernels:
 //  - bf16 with AVX512-BF16: VDPBF16PS multiplies 32 bf16 pairs into 16 fp32 sums per instruction;
+//  - int8 with AVX-512: 16 weights at a time converted to fp32 in registers;
 //  - the portable one (fp32 or int8 weights, or bf16 on CPUs without those instructions): plain loops the
 //    compiler vectorises for the CPU it is built on (-march=native), a bf16 weight widened to fp32 by a 16-bit
 //    shift, an int8 one converted.
