@@ -73,6 +73,15 @@ void row_portable(const W* w, const X* x, float* y, int64_t M, int64_t I, int64_
   }
 }
 
+// The M tokens in tiles of 4, 2 and 1: tile(std::integral_constant<int, T>{}, m) multiplies tokens [m, m + T).
+template <typename Tile>
+void in_tiles(int64_t M, Tile tile) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>{}, m);
+  if (m + 2 <= M) tile(std::integral_constant<int, 2>{}, m), m += 2;
+  if (m < M) tile(std::integral_constant<int, 1>{}, m);
+}
+
 #if defined(__AVX512BF16__)
 // T tokens x R rows, 32 bf16 pairs per VDPBF16PS; needs I % 32 == 0.
 template <int T>
@@ -90,13 +99,6 @@ void tile_dp(const uint16_t* w, const uint16_t* x, float* y, int64_t I, int64_t 
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) y[t * O + o + r] = _mm512_reduce_add_ps(acc[r][t]);
-}
-
-inline void block_dp(const uint16_t* w, const uint16_t* x, float* y, int64_t M, int64_t I, int64_t O, int64_t o) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_dp<4>(w, x + m * I, y + m * O, I, O, o);
-  if (m + 2 <= M) tile_dp<2>(w, x + m * I, y + m * O, I, O, o), m += 2;
-  if (m < M) tile_dp<1>(w, x + m * I, y + m * O, I, O, o);
 }
 #endif
 
@@ -120,13 +122,6 @@ void tile_q8(const int8_t* w, const float* x, float* y, int64_t I, int64_t O, in
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) y[t * O + o + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
-
-inline void block_q8(const int8_t* w, const float* x, float* y, int64_t M, int64_t I, int64_t O, int64_t o) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_q8<4>(w, x + m * I, y + m * O, I, O, o);
-  if (m + 2 <= M) tile_q8<2>(w, x + m * I, y + m * O, I, O, o), m += 2;
-  if (m < M) tile_q8<1>(w, x + m * I, y + m * O, I, O, o);
-}
 #endif
 
 template <typename W, typename X>
@@ -140,7 +135,7 @@ void rows(const W* w, const X* x, float* y, int64_t M, int64_t I, int64_t O, int
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<W, uint16_t>) {
       if (I % 32 == 0) {
-        block_dp(w, x, y, M, I, O, o);
+        in_tiles(M, [&](auto T, int64_t m) { tile_dp<decltype(T)::value>(w, x + m * I, y + m * O, I, O, o); });
         continue;
       }
     }
@@ -148,7 +143,7 @@ void rows(const W* w, const X* x, float* y, int64_t M, int64_t I, int64_t O, int
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<W, int8_t>) {
       if (I % 16 == 0) {
-        block_q8(w, x, y, M, I, O, o);
+        in_tiles(M, [&](auto T, int64_t m) { tile_q8<decltype(T)::value>(w, x + m * I, y + m * O, I, O, o); });
         continue;
       }
     }
@@ -225,8 +220,6 @@ void int4_tile_rows(const uint8_t* p, const uint16_t* s, const float* x, float* 
     for (int t = 0; t < T; ++t) y[t * O + o + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 #elif defined(__AVX2__)
-constexpr int64_t TT = 4;  // tokens per tile
-
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -284,10 +277,9 @@ inline void int4_row(const uint8_t* p, const uint16_t* s, const float* x, float*
   const uint16_t* scale = s + o * (I / G);
 #if defined(__AVX2__) && !defined(__AVX512F__)  // AVX-512 builds take R rows at a time (rows_q4)
   if (G % INT4_STEP == 0) {
-    int64_t m = 0;
-    for (; m + TT <= M; m += TT) int4_tile<TT>(row, scale, x + m * I, y + m * O, I, O, G, o);
-    if (m + 2 <= M) int4_tile<2>(row, scale, x + m * I, y + m * O, I, O, G, o), m += 2;
-    if (m < M) int4_tile<1>(row, scale, x + m * I, y + m * O, I, O, G, o);
+    in_tiles(M, [&](auto T, int64_t m) {
+      int4_tile<decltype(T)::value>(row, scale, x + m * I, y + m * O, I, O, G, o);
+    });
     return;
   }
 #endif

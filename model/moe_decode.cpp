@@ -88,7 +88,8 @@ at::Tensor run_moe(Format f, const std::vector<Segment>& segs, const X* xs, cons
                    int64_t T, int64_t D, int64_t rows_total, int64_t h_total, const at::TensorOptions& opt) {
   auto fp32 = opt.dtype(at::kFloat);
   at::Tensor g = at::empty({h_total}, fp32), u = at::empty({h_total}, fp32);
-  at::Tensor hb = at::empty({h_total * int64_t(sizeof(X))}, opt.dtype(at::kByte)), ys = at::empty({rows_total, D}, fp32);
+  at::Tensor hb = at::empty({h_total * int64_t(sizeof(X))}, opt.dtype(at::kByte));
+  at::Tensor ys = at::empty({rows_total, D}, fp32);
   at::Tensor out = at::zeros({T, D}, fp32);
   X* h = reinterpret_cast<X*>(hb.data_ptr());
   float *gb = g.data_ptr<float>(), *ub = u.data_ptr<float>(), *yb = ys.data_ptr<float>(), *ob = out.data_ptr<float>();
@@ -139,12 +140,13 @@ struct Operands {
       if (!w[i]) continue;
       TORCH_CHECK(w[i]->is_contiguous() && format_of(*w[i]) == f, "moe_decode: experts of one format, contiguous");
       if (arity == 1) continue;
-      const int64_t rows = w[i]->numel() / w[i]->size(-1), per_row = s[i] ? s[i]->numel() / std::max<int64_t>(rows, 1) : 0;
+      const int64_t rows = w[i]->numel() / w[i]->size(-1);
+      const int64_t per_row = s[i] ? s[i]->numel() / std::max<int64_t>(rows, 1) : 0;
       TORCH_CHECK(s[i] && s[i]->is_contiguous() && s[i]->numel() == rows * per_row && s[i]->size(0) == w[i]->size(0),
                   "moe_decode: quantized weights need their scales");
+      const bool q4_groups = per_row > 0 && in_features(i) % per_row == 0 && (in_features(i) / per_row) % 2 == 0;
       TORCH_CHECK(f == Format::Q8 ? s[i]->scalar_type() == at::kFloat && per_row == 1
-                                  : s[i]->scalar_type() == at::kBFloat16 && per_row > 0 && in_features(i) % per_row == 0 &&
-                                        (in_features(i) / per_row) % 2 == 0,
+                                  : s[i]->scalar_type() == at::kBFloat16 && q4_groups,
                   "moe_decode: int8 takes one fp32 scale per row, int4 one bf16 scale per even group");
     }
   }
@@ -221,8 +223,9 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& experts, const at::
   }
   if (has_shared) {
     const int64_t Fs = sh->hidden();
-    TORCH_CHECK(sh->w[2]->size(0) == D && sh->in_features(1) == D && sh->in_features(2) == Fs &&
-                    sh->w[0].has_value() == ops.w[0].has_value() && (!sh->w[0] || sh->w[0]->sizes() == sh->w[1]->sizes()),
+    const bool same_gating = sh->w[0].has_value() == ops.w[0].has_value();
+    TORCH_CHECK(sh->w[2]->size(0) == D && sh->in_features(1) == D && sh->in_features(2) == Fs && same_gating &&
+                    (!sh->w[0] || sh->w[0]->sizes() == sh->w[1]->sizes()),
                 "moe_decode: shared expert");
     segs.push_back({sh->mat(0, 0), sh->mat(1, 0), sh->mat(2, 0), Fs, row, T, h_total});
     for (int64_t t = 0; t < T; ++t) token[row] = t, ++row;
