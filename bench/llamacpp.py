@@ -8,13 +8,30 @@ import time
 import numpy as np
 
 
+def _no_log(level, text, user_data) -> None:
+    pass
+
+
+try:
+    import llama_cpp
+
+    _QUIET = llama_cpp.llama_log_callback(_no_log)  # kept alive here: llama.cpp calls it until the process ends
+except ImportError:
+    _QUIET = None
+
+
 class LlamaCpp:
-    def __init__(self, gguf: str, n_seq: int, n_batch: int = 2048, threads: int = 2) -> None:
+    def __init__(self, gguf: str, n_seq: int, n_batch: int = 2048, threads: int = 2, repack: bool = True) -> None:
+        """`repack` False: no extra buffer types (no AMX / repacked weight layouts), so quantized models run on
+        the CPUs where its AMX repacking segfaults."""
         import llama_cpp as L
 
         self.L = L
+        L.llama_log_set(_QUIET, None)  # its per-tensor load log would bury the benchmark's own lines
         L.llama_backend_init()
-        self.model = L.llama_model_load_from_file(gguf.encode(), L.llama_model_default_params())
+        params = L.llama_model_default_params()
+        params.use_extra_bufts = repack
+        self.model = L.llama_model_load_from_file(gguf.encode(), params)
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 16384, n_batch, n_batch, n_seq
         cp.n_threads = cp.n_threads_batch = threads
@@ -47,8 +64,10 @@ class LlamaCpp:
         return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
 
 
-def decode_tokens_per_s(gguf: str, batch: int, new_tokens: int = 128, prompt_len: int = 16) -> float:
-    lc = LlamaCpp(gguf, n_seq=batch)
+def decode_tokens_per_s(
+    gguf: str, batch: int, new_tokens: int = 128, prompt_len: int = 16, repack: bool = True
+) -> float:
+    lc = LlamaCpp(gguf, n_seq=batch, repack=repack)
     try:
         toks, pos, seq, want = [], [], [], []
         for s in range(batch):
@@ -68,8 +87,8 @@ def decode_tokens_per_s(gguf: str, batch: int, new_tokens: int = 128, prompt_len
         lc.close()
 
 
-def prefill_tokens_per_s(gguf: str, length: int) -> float:
-    lc = LlamaCpp(gguf, n_seq=1, n_batch=max(512, length))
+def prefill_tokens_per_s(gguf: str, length: int, repack: bool = True) -> float:
+    lc = LlamaCpp(gguf, n_seq=1, n_batch=max(512, length), repack=repack)
     try:
         toks = [(13 * j) % 1000 for j in range(length)]
         lc.decode(toks[:32], list(range(32)), [0] * 32, [False] * 31 + [True])
