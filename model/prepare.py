@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import gemv
+from .build import reuse_freed_memory
 from .huge_pages import huge_page_bytes, use_huge_pages
 from .int4 import INT4
 from .moe import use_static_dispatch
@@ -123,7 +124,8 @@ def _compile(model: nn.Module, strict: bool, out: Prepared) -> None:
 
 def prepare_for_inference(model: nn.Module, speedups: Speedups = Speedups(), strict: bool = False) -> Prepared:
     """Apply `speedups` to a loaded model in place, in the order they compose: the projections' form, then
-    huge pages (which move the final weights), then compiling (which traces the final modules)."""
+    huge pages (which move the final weights), the allocator's policy for serving, then compiling (which traces
+    the final modules)."""
     out = Prepared()
     _linears(model, speedups, strict, out)
     if model.embeddings.weight.device.type == "cuda" and model.moe_layers() and use_static_dispatch(model):
@@ -132,6 +134,8 @@ def prepare_for_inference(model: nn.Module, speedups: Speedups = Speedups(), str
         out.huge_page_bytes = moved
         backed = huge_page_bytes(model.embeddings.weight)
         out.notes.append(f"weights in transparent huge pages: {moved >> 20} MiB moved, {backed >> 20} MiB backed")
+    if model.embeddings.weight.device.type == "cpu":
+        reuse_freed_memory()
     if speedups.compile:
         _compile(model, strict, out)
     return out

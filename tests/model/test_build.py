@@ -70,3 +70,27 @@ def test_int4_refuses_experts_it_cannot_group(tmp_path):
     save_checkpoint(HybridLM(tiny_config(300, "mamba2-hybrid", d_model=64, d_ff=40)), tmp_path, toy_tokenizer())
     with pytest.raises(ValueError, match="--quantize int4: experts with 40 inputs are not a whole number of groups"):
         load_model(tmp_path, quantizer=INT4)
+
+
+def _faults_refilling_freed(nbytes: int = 32 << 20) -> int:
+    """Minor page faults of filling a buffer of `nbytes` allocated right after one of that size was freed."""
+    import resource
+
+    first = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    del first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_serving_reuses_freed_memory_that_loading_returns():
+    """Loading maps large blocks and returns them when freed; serving keeps them, so an activation does not fault
+    its pages in again (with transparent huge pages always on, a mapping faults 2 MiB at a time, still > 1)."""
+    if not build.map_large_allocations():
+        pytest.skip("not glibc: its mallopt is absent")
+    try:
+        assert _faults_refilling_freed() > 1
+        assert build.reuse_freed_memory()
+        assert _faults_refilling_freed() <= 1
+    finally:
+        build.reuse_freed_memory()  # as a served model leaves it (prepare_for_inference)
