@@ -15,6 +15,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 #include "gemv_kernels.h"
 
 #ifndef AETHERIS_NS
@@ -174,6 +179,22 @@ std::string bf16_kernel() {
 #endif
 }
 
+// Flush denormal results to zero and read denormal inputs as zero (MXCSR's FTZ and DAZ bits) on every intra-op
+// thread: the control register is per thread and torch.set_flush_denormal sets only its caller's. Returns the
+// threads set; 0 where the CPU is not x86-64.
+int64_t flush_denormals() {
+#if defined(__x86_64__)
+  std::atomic<int64_t> done{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
+    _mm_setcsr(_mm_getcsr() | 0x8040);
+    done += end - begin;
+  });
+  return done;
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(AETHERIS_NS, m) {
@@ -184,6 +205,7 @@ TORCH_LIBRARY(AETHERIS_NS, m) {
   m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int8_dequant(Tensor q, Tensor scale, ScalarType dtype) -> Tensor");
   m.def("int4_dequant(Tensor packed, Tensor scales, int group, ScalarType dtype) -> Tensor");
+  m.def("flush_denormals() -> int", &flush_denormals);
 }
 
 TORCH_LIBRARY_IMPL(AETHERIS_NS, CPU, m) {

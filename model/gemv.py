@@ -139,6 +139,12 @@ def _moe_decode_shape(x: Tensor, *args) -> Tensor:
     return torch.empty_like(x)  # (T, D)
 
 
+def flush_denormals() -> int:
+    """Denormals flushed to zero (FTZ and DAZ) on every intra-op thread of the caller; the threads set, 0 where
+    the kernel library cannot load or the CPU is not x86-64."""
+    return torch.ops.aetheris_gemv.flush_denormals() if load() else 0
+
+
 def bf16_kernel(namespace: str = NAMESPACE) -> str:
     """Which inner kernel the loaded build uses for bf16 weights: "avx512_bf16" or "portable"."""
     return getattr(torch.ops, namespace).bf16_kernel()

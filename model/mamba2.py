@@ -116,8 +116,10 @@ def ssd_chunked(
     Chunks run one after another, each handing its final state to the next; the last one is simply shorter
     when chunk_size does not divide L. One chunk at a time keeps the (T, T) decay matrices at B*H*Q*Q
     whatever L is, and on CPU that is faster than all chunks at once, whose L*H*Q floats leave the cache."""
-    x, dt, A, B_ssm, C_ssm = x.float(), dt.float(), A.float(), B_ssm.float(), C_ssm.float()
-    h, ys = h0.float(), []
+    # Row-major copies: the mixer's x, B and C are views of the conv output, whose fastest axis is the position,
+    # and every chunk's slices and the final add would read them across that stride.
+    x, B_ssm, C_ssm = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (x, B_ssm, C_ssm))
+    dt, A, h, ys = dt.float(), A.float(), h0.float(), []
     for s in range(0, x.shape[1], chunk_size):
         e = s + chunk_size
         y, h = _ssd_chunk(x[:, s:e], dt[:, s:e], A, B_ssm[:, s:e], C_ssm[:, s:e], h)  # (B, T, H, P)
@@ -262,29 +264,35 @@ class Mamba2Mixer(nn.Module):
         C_ssm = C_ssm.reshape(*lead, self.n_groups, self.d_state)  # (..., G, N)
         return x, B_ssm, C_ssm, dt
 
-    def _conv_bias(self) -> Tensor | None:
-        return None if self.conv1d.bias is None else self.conv1d.bias.float()
-
     def forward(self, u: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """u: (B, L, D) -> out (B, L, D), state {"conv": (B, Di + 2GN, K), "ssm": (B, H, P, N)}."""
         Bsz, L, _ = u.shape
         if state is None:
             state = self.empty_state(Bsz, u.device)
         z, xBC, dt = self._split(self.in_proj(u))  # (B, L, Di), (B, L, Di + 2GN), (B, L, H)
-        window = torch.cat([state["conv"].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, Di + 2GN, K + L)
-        new_conv = window[..., -self.d_conv :].contiguous()  # (B, Di + 2GN, K)
-        # Causal depthwise conv continuing from the cached inputs: the first output sees the K-1 cached
-        # columns, exactly as zero padding does for a fresh sequence. Accumulated in fp32, as `step` does,
-        # so one-token decode and the full forward agree in bf16 too.
+        window = torch.cat([state["conv"].to(xBC.dtype).transpose(1, 2), xBC], dim=1)  # (B, K + L, Di + 2GN)
+        new_conv = window[:, -self.d_conv :].transpose(1, 2).contiguous()  # (B, Di + 2GN, K)
         with torch.autocast(u.device.type, enabled=False):
-            xBC = F.conv1d(window[..., 1:].float(), self.conv1d.weight.float(), self._conv_bias(), groups=self.conv_dim)
-        xBC = F.silu(xBC).to(z.dtype).transpose(1, 2)  # (B, L, Di + 2GN)
+            xBC = F.silu(self._causal_conv(window[:, 1:])).to(z.dtype)  # (B, L, Di + 2GN)
         x, B_ssm, C_ssm, dt = self._ssm_inputs(xBC, dt)
         A = -torch.exp(self.A_log.float())  # (H,)
         with torch.autocast(u.device.type, enabled=False):  # the SSM stays fp32 under autocast
             y, h = ssd_chunked(x, dt, A, B_ssm, C_ssm, self.D, state["ssm"], self.chunk_length(u))  # (B, L, H, P)
         y = self.norm(y.reshape(Bsz, L, self.d_inner), z).to(z.dtype)  # (B, L, Di)
         return self.out_proj(y), {"conv": new_conv, "ssm": h}  # (B, L, D)
+
+    def _causal_conv(self, window: Tensor) -> Tensor:
+        """window (B, K - 1 + L, C) -> the depthwise causal conv (B, L, C) in fp32, continuing from the cached
+        inputs: the first output sees the K-1 cached rows, exactly as zero padding does for a fresh sequence.
+        Accumulated in fp32 tap by tap, as `step` does, so one-token decode and the full forward agree in bf16
+        too. Positions stay the slower axis: F.conv1d wants them the faster, and transposing there and back cost
+        more than the conv."""
+        K, L = self.d_conv, window.shape[1] - self.d_conv + 1
+        window, taps = window.float(), self.conv1d.weight.squeeze(1).float().t()  # (K, C)
+        out = window[:, :L] * taps[0]  # (B, L, C)
+        for k in range(1, K):
+            out = out.addcmul_(window[:, k : k + L], taps[k])
+        return out if self.conv1d.bias is None else out + self.conv1d.bias.float()
 
     def chunk_length(self, u: Tensor) -> int:
         """The SSD chunk forward uses: the checkpoint's, or at most CPU_CHUNK on a CPU. The quadratic part of a

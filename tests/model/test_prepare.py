@@ -4,6 +4,10 @@ projections take for each setting, what it says it did, and where it cannot work
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +16,8 @@ from model import gemv, huge_pages
 from model.packed import can_pack
 from model.prepare import NotSupported, Speedups, prepare_for_inference
 from tests.helpers import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TOKENS = torch.tensor([[3, 14, 15, 92, 65, 35]])
 
@@ -134,3 +140,23 @@ def test_quantized_moe_decode_runs_in_one_kernel_call_as_its_reference(quantize,
             want, _ = model.decode(torch.tensor([5, 6]), state.clone())
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(got, want, **tol)
+
+
+def test_a_prepared_cpu_model_flushes_denormals_on_every_thread():
+    """FTZ / DAZ on the intra-op threads too, which torch.set_flush_denormal alone leaves as they were: a product
+    split across two threads of a denormal input comes out all zeros. In a fresh process, whose threads exist
+    before the model is prepared (as a server's do), since the setting outlives the test."""
+    code = """
+import torch
+from model.prepare import Speedups, prepare_for_inference
+from tests.helpers import tiny
+torch.set_num_threads(2)
+x = torch.full((1 << 20,), 1e-39)
+print((x * 0.5 == 0).all().item())
+torch.set_flush_denormal(True)
+print((x * 0.5 == 0).all().item())
+prepare_for_inference(tiny(None), Speedups(pack=False, huge_pages=False, compile=False))
+print((x * 0.5 == 0).all().item())
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert run.stdout.split() == ["False", "False", "True"]  # the caller's flag alone misses the other thread
