@@ -91,7 +91,7 @@ def prefill_tokens_per_s(gguf: str, length: int, repack: bool = True) -> float:
     lc = LlamaCpp(gguf, n_seq=1, n_batch=max(512, length), repack=repack)
     try:
         toks = [(13 * j) % 1000 for j in range(length)]
-        lc.decode(toks[:32], list(range(32)), [0] * 32, [False] * 31 + [True])
+        lc.decode(toks, list(range(length)), [0] * length, [False] * (length - 1) + [True])  # warm, as the others
         lc.clear()
         t = time.perf_counter()
         lc.decode(toks, list(range(length)), [0] * length, [False] * (length - 1) + [True])

@@ -59,7 +59,7 @@ def decode_tokens_per_s(
 @torch.inference_mode()
 def prefill_tokens_per_s(model: HybridLM, length: int) -> float:
     tokens = torch.randint(0, model.config.vocab_size, (1, length), device=model.embeddings.weight.device)
-    model.prefill(tokens[:, :32], model.empty_state(1))
+    model.prefill(tokens, model.empty_state(1))  # warm, as a serving process is: allocations, compiled shapes
     t = time.perf_counter()
     logits, _ = model.prefill(tokens, model.empty_state(1))
     logits.cpu()  # waits for the device to finish (CUDA runs asynchronously)
