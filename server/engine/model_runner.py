@@ -69,14 +69,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Decode on the free rows at batch sizes 1, 2 and 3 and two attention extents, so that the compiled
+        """Decode on the free rows at batch sizes 1, 2 and 3 and three attention extents, so that the compiled
         step's graphs are built before /health turns 200, not inside the first requests (dynamo compiles a
         batch of 1 apart, and turns a size dynamic once it has seen it change). The rows' state is overwritten
         when they are handed out, free rows' paged K/V lands in the scratch block, and the routing counts
         are reset."""
         pool, t0 = self.pool, time.perf_counter()
         unit = pool.paged.block_size if pool.paged else 1
-        extents = sorted({min(x, pool.capacity) for x in (unit + 1, 2 * unit + 1)}) if pool.grows else [None]
+        # Two extents make it dynamic; the whole capacity too, where the block table's view is its full width
+        # (its row stride then equals its width, which dynamo guards on apart).
+        extents = (
+            sorted({min(x, pool.capacity) for x in (unit + 1, 2 * unit + 1, pool.capacity)}) if pool.grows else [None]
+        )
         for b in range(1, min(3, pool.size) + 1):
             for tokens in extents:
                 rows = pool.view(b, tokens)

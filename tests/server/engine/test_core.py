@@ -165,10 +165,28 @@ def test_the_compiled_model_serves_what_the_eager_one_does(layout, kv_blocks):
     assert got == want and compiles["unique_graphs"] == before
 
 
-def _greedy(core: EngineCore, prompts: list[list[int]]) -> dict[str, list[int]]:
+def test_a_full_batch_filling_the_context_compiles_nothing_while_serving():
+    """Eight sequences decoding to the last position of the context, with K/V blocks for exactly that: the block
+    table's view reaches its full width (its row stride then equals its width, a case dynamo guards apart),
+    which the runner's warm-up compiles before serving."""
+    tok = toy_tokenizer()
+    model = HybridLM(tiny_config(tok.vocab_size, "nemotron-h")).eval()
+    assert use_gemv(model)
+    model.compile_inference()
+    cfg = CoreConfig(max_batch_size=8, prefill_budget=128, max_model_len=64, kv_blocks=32, kv_block_size=16)
+    compiles = torch._dynamo.utils.counters["stats"]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        core = EngineCore(model, tok, cfg)
+        before = compiles["unique_graphs"]
+        got = _greedy(core, [[5 + i] * 16 for i in range(8)], max_tokens=48)
+    assert all(len(t) == 48 for t in got.values()) and compiles["unique_graphs"] == before
+
+
+def _greedy(core: EngineCore, prompts: list[list[int]], max_tokens: int | None = None) -> dict[str, list[int]]:
+    """Greedy tokens per request; each asks `max_tokens`, or 8 + 3i for the i-th."""
     out: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
-        params = SamplingParams(max_tokens=8 + 3 * i, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens or 8 + 3 * i, temperature=0, ignore_eos=True)
         core.add(GenerationRequest(f"r{i}", p, params), lambda o: out.setdefault(o.request_id, []).extend(
             t for d in o.deltas for t in d.token_ids))  # fmt: skip
     while core.has_work():
