@@ -161,7 +161,8 @@ def write_random_hf(config, directory: Path, dtype: torch.dtype = torch.bfloat16
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # a tied head is not written, as save_pretrained does
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     config.architectures = [type(model).__name__]  # as save_pretrained writes it (llama.cpp's converter reads it)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
