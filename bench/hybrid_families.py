@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def main() -> None:
         args.tokens, args.batches, args.prefill = 16, [1, 8], [512]
     torch.set_num_threads(2)
     report = {"machine": common.machine_line(), "date": time.strftime("%Y-%m-%d %H:%M"), "args": dict(vars(args))}
-    report["args"]["out"] = str(args.out)
+    report["args"]["out"] = os.path.relpath(args.out.resolve(), ROOT)  # no machine paths in the results
     report["read_bandwidth"] = [common.read_bandwidth()]
     report["shapes"] = {}
     for shape in args.shapes:
