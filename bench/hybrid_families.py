@@ -87,11 +87,12 @@ def measure_ours(path: Path, dtype: str, quantize: str | None, batches, prefill,
     """Our model as `python -m server --dtype D [--quantize Q]` loads and prepares it (compiled, few-row kernel)."""
     from bench import ours
     from model.checkpoint import load_model
-    from model.prepare import Speedups, prepare_for_inference
+    from model.prepare import Speedups, configure_cpu_for_serving, prepare_for_inference
 
     torch.set_num_threads(2)
     model, tok = load_model(path, dtype=getattr(torch, dtype))
     prepare_for_inference(model, Speedups(quantize=quantize), strict=True)
+    configure_cpu_for_serving()
     return {
         "decode": {b: ours.decode_tokens_per_s(model, tok, b, tokens) for b in batches},
         "prefill": {n: ours.prefill_tokens_per_s(model, n) for n in prefill},

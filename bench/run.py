@@ -31,7 +31,7 @@ from bench.weights import mamba_130m, to_gguf  # noqa: E402
 from model import gemv  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.packed import packing_pays_here  # noqa: E402
-from model.prepare import NotSupported, Speedups, prepare_for_inference  # noqa: E402
+from model.prepare import NotSupported, Speedups, configure_cpu_for_serving, prepare_for_inference  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"
@@ -42,6 +42,7 @@ def load_ours(path: Path, dtype: torch.dtype = torch.float32, speedups: Speedups
     cannot run them)."""
     model, tok = load_model(path, dtype=dtype)
     prepare_for_inference(model, speedups, strict=True)
+    configure_cpu_for_serving()
     return model, tok
 
 

@@ -284,8 +284,8 @@ class Mamba2Mixer(nn.Module):
     def _causal_conv(self, window: Tensor) -> Tensor:
         """window (B, K - 1 + L, C) -> the depthwise causal conv (B, L, C) in fp32, continuing from the cached
         inputs: the first output sees the K-1 cached rows, exactly as zero padding does for a fresh sequence.
-        Accumulated in fp32 tap by tap, as `step` does, so one-token decode and the full forward agree in bf16
-        too. Positions stay the slower axis: F.conv1d wants them the faster, and transposing there and back cost
+        Accumulated in fp32, as `step` does, so one-token decode and the full forward agree in bf16 too. Tap by
+        tap with positions the slower axis: F.conv1d wants them the faster, and transposing there and back cost
         more than the conv."""
         K, L = self.d_conv, window.shape[1] - self.d_conv + 1
         window, taps = window.float(), self.conv1d.weight.squeeze(1).float().t()  # (K, C)

@@ -122,11 +122,13 @@ def _compile(model: nn.Module, strict: bool, out: Prepared) -> None:
     out.notes.append(f"compiled the decode step and the prefill scan in {time.perf_counter() - t0:.1f} s")
 
 
-def _cpu_runtime() -> None:
-    """How the CPU runs what follows. The allocator keeps freed memory for the next activations (build.py). Denormals
-    flush to zero on this thread, its intra-op threads and the threads it starts (the engine's thread inherits
-    it): the SSD's decays reach 1e-38 and below, where x86 arithmetic takes slow microcode assists (chunk matmuls
-    3x slower) for values far below what the fp32 sums they enter can hold."""
+def configure_cpu_for_serving() -> None:
+    """Process-wide settings for serving on a CPU, which the server and the benchmarks apply after
+    prepare_for_inference (that one only changes the model, so a test process that prepares models keeps its
+    own settings). The allocator keeps freed memory for the next activations (build.py). Denormals flush to zero
+    on this thread, its intra-op threads and the threads it starts (the engine's thread inherits it): the SSD's
+    decays reach 1e-38 and below, where x86 arithmetic takes slow microcode assists (chunk matmuls 3x slower)
+    for values far below what the fp32 sums they enter can hold."""
     reuse_freed_memory()
     torch.set_flush_denormal(True)
     gemv.flush_denormals()
@@ -134,8 +136,7 @@ def _cpu_runtime() -> None:
 
 def prepare_for_inference(model: nn.Module, speedups: Speedups = Speedups(), strict: bool = False) -> Prepared:
     """Apply `speedups` to a loaded model in place, in the order they compose: the projections' form, then
-    huge pages (which move the final weights), the CPU's runtime settings for serving, then compiling (which
-    traces the final modules)."""
+    huge pages (which move the final weights), then compiling (which traces the final modules)."""
     out = Prepared()
     _linears(model, speedups, strict, out)
     if model.embeddings.weight.device.type == "cuda" and model.moe_layers() and use_static_dispatch(model):
@@ -144,8 +145,6 @@ def prepare_for_inference(model: nn.Module, speedups: Speedups = Speedups(), str
         out.huge_page_bytes = moved
         backed = huge_page_bytes(model.embeddings.weight)
         out.notes.append(f"weights in transparent huge pages: {moved >> 20} MiB moved, {backed >> 20} MiB backed")
-    if model.embeddings.weight.device.type == "cpu":
-        _cpu_runtime()
     if speedups.compile:
         _compile(model, strict, out)
     return out

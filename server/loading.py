@@ -10,7 +10,7 @@ import torch
 from model.build import GiB, weight_bytes
 from model.checkpoint import load_model
 from model.int4 import why_not as int4_why_not
-from model.prepare import QUANTIZERS, Speedups, prepare_for_inference
+from model.prepare import QUANTIZERS, Speedups, configure_cpu_for_serving, prepare_for_inference
 
 from .api.serving import Serving
 from .engine.async_engine import Engine
@@ -143,6 +143,8 @@ def build_serving(settings: Settings, metrics: Metrics) -> Serving:
         raise RuntimeError(f"{settings.model}: the checkpoint has no tokenizer.json, which serving needs")
     total, active = model.num_parameters()
     prepared = prepare_for_inference(model, speedups(settings))
+    if device.type == "cpu":
+        configure_cpu_for_serving()  # before the engine's thread starts, which inherits it
     for line in prepared.notes:
         log.info("%s", line)
     for line in prepared.warnings:

@@ -3,6 +3,10 @@ model gives, a model that cannot fit is refused before anything is allocated, an
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +16,8 @@ from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.int4 import INT4
 from model.quantized import INT8, Int8Linear
 from tests.helpers import save_hf_family, tiny_config, toy_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TOKENS = torch.tensor([[5, 9, 2, 7, 7, 1]])
 
@@ -72,25 +78,25 @@ def test_int4_refuses_experts_it_cannot_group(tmp_path):
         load_model(tmp_path, quantizer=INT4)
 
 
-def _faults_refilling_freed(nbytes: int = 32 << 20) -> int:
-    """Minor page faults of filling a buffer of `nbytes` allocated right after one of that size was freed."""
-    import resource
+def test_serving_reuses_freed_memory_that_loading_returns():
+    """Loading maps large blocks and returns them when freed; serving keeps them, so an activation does not fault
+    its pages in again (with transparent huge pages always on, a mapping faults 2 MiB at a time, still > 1). In a
+    fresh process: the heap a long test session leaves behind is not a serving process's."""
+    code = """
+import resource, torch
+import model.build as build
 
+def faults_refilling_freed(nbytes=32 << 20):
     first = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     del first
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-
-def test_serving_reuses_freed_memory_that_loading_returns():
-    """Loading maps large blocks and returns them when freed; serving keeps them, so an activation does not fault
-    its pages in again (with transparent huge pages always on, a mapping faults 2 MiB at a time, still > 1)."""
-    if not build.map_large_allocations():
+print(build.map_large_allocations(), faults_refilling_freed(), build.reuse_freed_memory(), faults_refilling_freed())
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    mapped, faults_mapped, reused, faults_reused = run.stdout.split()
+    if mapped != "True":
         pytest.skip("not glibc: its mallopt is absent")
-    try:
-        assert _faults_refilling_freed() > 1
-        assert build.reuse_freed_memory()
-        assert _faults_refilling_freed() <= 1
-    finally:
-        build.reuse_freed_memory()  # as a served model leaves it (prepare_for_inference)
+    assert reused == "True" and int(faults_mapped) > 1 and int(faults_reused) <= 1

@@ -142,21 +142,24 @@ def test_quantized_moe_decode_runs_in_one_kernel_call_as_its_reference(quantize,
     torch.testing.assert_close(got, want, **tol)
 
 
-def test_a_prepared_cpu_model_flushes_denormals_on_every_thread():
+def test_serving_on_a_cpu_flushes_denormals_on_every_thread():
     """FTZ / DAZ on the intra-op threads too, which torch.set_flush_denormal alone leaves as they were: a product
     split across two threads of a denormal input comes out all zeros. In a fresh process, whose threads exist
-    before the model is prepared (as a server's do), since the setting outlives the test."""
+    before the settings are made (as a server's do), since they outlive the test; preparing a model alone
+    changes nothing there."""
     code = """
 import torch
-from model.prepare import Speedups, prepare_for_inference
+from model.prepare import Speedups, configure_cpu_for_serving, prepare_for_inference
 from tests.helpers import tiny
 torch.set_num_threads(2)
 x = torch.full((1 << 20,), 1e-39)
 print((x * 0.5 == 0).all().item())
+prepare_for_inference(tiny(None), Speedups(pack=False, huge_pages=False, compile=False))
+print((x * 0.5 == 0).all().item())
 torch.set_flush_denormal(True)
 print((x * 0.5 == 0).all().item())
-prepare_for_inference(tiny(None), Speedups(pack=False, huge_pages=False, compile=False))
+configure_cpu_for_serving()
 print((x * 0.5 == 0).all().item())
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert run.stdout.split() == ["False", "False", "True"]  # the caller's flag alone misses the other thread
+    assert run.stdout.split() == ["False", "False", "False", "True"]  # the caller's flag alone misses the other thread
