@@ -33,7 +33,7 @@ import torch
 from aetheris.defaults import DEFAULT_MODEL_DIR
 from bench import common
 from bench.hybrid_goals import goal_lines, table_lines
-from bench.weights import quantize_gguf, to_gguf, write_random_hf
+from bench.weights import converter_script, quantize_gguf, to_gguf, write_random_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work"
@@ -130,7 +130,7 @@ def gguf_bytes_per_token(gguf: Path, top_k: int, n_experts: int) -> int:
     """As ours_bytes_per_token, from the GGUF's tensors (routed expert stacks are named *_exps)."""
     import sys
 
-    sys.path.insert(0, str(next(WORK.glob("llama_cpp_python-*/vendor/llama.cpp/gguf-py"))))
+    sys.path.insert(0, str(converter_script(WORK).parent / "gguf-py"))
     from gguf import GGUFReader
 
     tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors}

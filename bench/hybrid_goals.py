@@ -13,7 +13,7 @@ B8_VS_LLAMA, PREFILL_VS_PEERS = 1.5, 2.0
 
 
 def decode(results: dict, system: str, batch: int) -> float | None:
-    return results.get(system, {}).get("decode", {}).get(str(batch))
+    return _measure(results, system, f"decode {batch}")
 
 
 def roofline_share(results: dict, system: str, bandwidth: float) -> float | None:
